@@ -1,0 +1,1 @@
+"""Attention backends: each declares what it supports and why it cannot serve a call."""

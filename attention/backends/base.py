@@ -1,0 +1,70 @@
+"""What every backend is: a small class that declares what it supports and says why not."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from ..masks import NormalizedMask
+
+
+@dataclass
+class AttentionCall:
+    """One attention call in split-head form, after validation.
+
+    q: (B, H, N, D); k: (B, Hkv, M, D); v: (B, Hkv, M, Dv); Hkv == H unless enable_gqa.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: NormalizedMask
+    scale: Optional[float] = None
+    is_causal: bool = False
+    enable_gqa: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+
+class Backend:
+    """Base class. Subclasses set ``name``, ``exact`` and the supported sets, and implement ``forward``."""
+
+    name: str = ""
+    exact: bool = True
+    description: str = ""
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    devices = ("cpu", "cuda")
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why this backend cannot run in this environment at all (None when it can)."""
+        return None
+
+    def not_supported_reasons(self, call: AttentionCall) -> List[str]:
+        """Every reason this backend cannot serve ``call`` (empty when it can)."""
+        reasons = []
+        unavailable = self.unavailable_reason()
+        if unavailable:
+            reasons.append(f"not available: {unavailable}")
+        if call.device.type not in self.devices:
+            reasons.append(f"device {call.device.type} not supported (supports {', '.join(self.devices)})")
+        if call.dtype not in self.dtypes:
+            reasons.append(f"dtype {call.dtype} not supported")
+        if call.q.dtype != call.k.dtype or call.q.dtype != call.v.dtype:
+            reasons.append(f"q, k and v dtypes differ ({call.q.dtype}, {call.k.dtype}, {call.v.dtype})")
+        return reasons
+
+    def forward(self, call: AttentionCall) -> torch.Tensor:
+        """Return (B, H, N, Dv) in q's dtype."""
+        raise NotImplementedError
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """CPUs without fast half-precision matmuls compute in fp32; GPUs keep the input dtype."""
+    return torch.float32 if t.device.type == "cpu" else t.dtype

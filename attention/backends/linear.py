@@ -1,0 +1,94 @@
+"""Efficient Attention (Shen et al., WACV 2021): linear in tokens, an approximation of softmax attention.
+
+Per head: out = softmax_D(q · scale) · (softmax_M(k)ᵀ v), where softmax_D normalises over the
+feature dim and softmax_M over the tokens. O(N·D·Dv) time, O((N + M)·D) memory; everything is
+accumulated in fp32, so fp16/bf16 inputs cannot overflow.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..masks import NormalizedMask, RegionMask
+from .base import AttentionCall, Backend
+
+
+def key_bias_from_mask(mask: NormalizedMask) -> Optional[torch.Tensor]:
+    """(B|1, 1, M, 1) additive fp32 bias per key from a key-padding mask, or None."""
+    if mask.dense is None:
+        return None
+    dense = mask.dense[:, :, 0, :, None]  # (B|1, 1, M, 1)
+    if dense.dtype == torch.bool:
+        return torch.zeros(dense.shape, device=dense.device).masked_fill(~dense, float("-inf"))
+    return dense.float()
+
+
+def linear_context(k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax_M(k + key_bias)ᵀ v per head: k (B, H, M, D), v (B, H, M, Dv) fp32 -> (B, H, D, Dv) fp32.
+
+    Masked keys (bias -inf) get weight exactly 0; a head with no allowed key gets a zero context.
+    """
+    logits = k if key_bias is None else k + key_bias
+    k_max = logits.amax(dim=2, keepdim=True)
+    if key_bias is not None:
+        k_max = torch.nan_to_num(k_max, neginf=0.0)  # all keys masked: exp(-inf) = 0 below
+    k_exp = torch.exp(logits - k_max)
+    norm = k_exp.sum(dim=2)  # (B, H, D)
+    context = torch.matmul(k_exp.transpose(-1, -2), v)
+    return context / norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+
+
+def linear_attention(q, k, v, mask: NormalizedMask = NormalizedMask(), scale: Optional[float] = None):
+    """q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv) -> (B, H, N, Dv) in q's dtype.
+
+    ``mask`` may hold a key-padding dense mask (B|1, 1, 1, M) and/or a RegionMask.
+    """
+    dtype = q.dtype
+    qf = q.float() if scale is None else q.float() * scale
+    q_soft = torch.softmax(qf, dim=-1)
+    kf, vf = k.float(), v.float()
+    key_bias = key_bias_from_mask(mask)
+    region = mask.region
+    if region is None:
+        out = torch.matmul(q_soft, linear_context(kf, vf, key_bias))
+    else:
+        out = _region_linear(q_soft, kf, vf, region, key_bias)
+    return out.to(dtype)
+
+
+def _region_linear(q_soft, k, v, region: RegionMask, key_bias):
+    """One context per query label: keys of that label plus the -1 keys; -1 queries see every key."""
+    query_labels = region.query_labels[:, None, :, None]  # (B|1, 1, N, 1)
+    key_labels = region.key_labels[:, None, :, None]  # (B|1, 1, M, 1)
+    out = None
+    for label in torch.unique(region.query_labels).tolist():
+        bias = key_bias
+        if label != -1:
+            outside = torch.zeros(key_labels.shape, device=k.device).masked_fill(
+                (key_labels != label) & (key_labels != -1), float("-inf"))
+            bias = outside if bias is None else bias + outside
+        group_out = torch.matmul(q_soft, linear_context(k, v, bias))
+        out = group_out if out is None else torch.where(query_labels == label, group_out, out)
+    return out
+
+
+class LinearBackend(Backend):
+    name = "linear"
+    exact = False
+    description = ("approximate; Efficient Attention (Shen et al. 2021), O(N) memory and time; key-padding "
+                   "and region masks")
+
+    def not_supported_reasons(self, call: AttentionCall):
+        reasons = super().not_supported_reasons(call)
+        if call.is_causal:
+            reasons.append("is_causal is not supported: Efficient Attention has one context for all queries")
+        if call.k.shape[1] != call.q.shape[1]:
+            reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
+        if call.mask.dense is not None and not call.mask.is_key_padding:
+            reasons.append(f"dense mask of shape {tuple(call.mask.dense.shape)} is not a key-padding mask "
+                           "(B or 1, 1, 1, M); only key-padding masks and RegionMasks are supported")
+        return reasons
+
+    def forward(self, call: AttentionCall) -> torch.Tensor:
+        return linear_attention(call.q, call.k, call.v, call.mask, call.scale)

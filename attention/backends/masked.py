@@ -1,0 +1,88 @@
+"""Exact masked attention that never materialises a (B, H, N, M) float tensor.
+
+Dense masks: queries are processed in chunks, so at most (B, H, chunk, M) scores exist at once.
+Region masks: tokens are grouped by label and every group runs unmasked attention on its own keys,
+so no N x M mask exists at all.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..masks import RegionMask, restrict_mask
+from .base import AttentionCall, Backend
+from .sdpa import causal_mask, sdpa_dense
+
+# Upper bound for one chunk's fp32 score block, in elements of (B, H, chunk, M).
+CHUNK_SCORE_ELEMENTS = 1 << 25  # 128 MiB of fp32
+
+
+def query_chunk_size(batch: int, heads: int, n: int, m: int) -> int:
+    return max(1, min(n, CHUNK_SCORE_ELEMENTS // max(1, batch * heads * m)))
+
+
+def _region_attention(q, k, v, region: RegionMask, scale, out) -> None:
+    """Fill out (B, H, N, Dv) for a region mask by grouping tokens per label."""
+    query_labels, key_labels = region.query_labels, region.key_labels
+    if query_labels.shape[0] == 1 and key_labels.shape[0] == 1:
+        groups = [(slice(None), query_labels[0], key_labels[0])]  # one labelling for the whole batch
+    else:
+        groups = [(slice(i, i + 1), query_labels[min(i, query_labels.shape[0] - 1)],
+                   key_labels[min(i, key_labels.shape[0] - 1)]) for i in range(q.shape[0])]
+    n = q.shape[2]
+    for rows, labels_q, labels_k in groups:
+        qb, kb, vb = q[rows], k[rows], v[rows]
+        for label in torch.unique(labels_q).tolist():
+            queries = (labels_q == label).nonzero().squeeze(1)
+            keys = None  # None = every key ("everywhere" queries, or every key allowed)
+            if label != -1:
+                key_allowed = (labels_k == label) | (labels_k == -1)
+                if not bool(key_allowed.all()):
+                    keys = key_allowed.nonzero().squeeze(1)
+            all_queries = queries.numel() == n
+            if keys is not None and keys.numel() == 0:
+                result = 0.0
+            else:
+                result = sdpa_dense(qb if all_queries else qb.index_select(2, queries),
+                                    kb if keys is None else kb.index_select(2, keys),
+                                    vb if keys is None else vb.index_select(2, keys), None, scale)
+            if all_queries:
+                out[rows] = result
+            else:
+                out[rows, :, queries] = result
+
+
+def _region_chunk(region: RegionMask, start: int, stop: int) -> torch.Tensor:
+    """Boolean (B|1, 1, chunk, M) slice of the region mask for queries start:stop."""
+    return RegionMask(region.query_labels[:, start:stop], region.key_labels).to_dense()
+
+
+class MaskedBackend(Backend):
+    name = "masked"
+    description = ("exact; every mask form incl. RegionMask, query-chunked or grouped by region, never a "
+                   "(B, H, N, M) float tensor")
+
+    def forward(self, call: AttentionCall) -> torch.Tensor:
+        q, k, v = call.q, call.k, call.v
+        dense, region = call.mask.dense, call.mask.region
+        batch, heads, n, _ = q.shape
+        m = k.shape[2]
+        if region is not None and dense is None and not call.is_causal and not call.enable_gqa:
+            out = q.new_empty(batch, heads, n, v.shape[-1])
+            _region_attention(q, k, v, region, call.scale, out)
+            return out
+        chunk = query_chunk_size(batch, heads, n, m)
+        if region is None and chunk >= n:
+            return sdpa_dense(q, k, v, dense, call.scale, call.is_causal, call.enable_gqa)
+        out = q.new_empty(batch, heads, n, v.shape[-1])
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            mask_chunk = None
+            if dense is not None:
+                mask_chunk = dense if dense.shape[2] == 1 else dense[:, :, start:stop]
+            if region is not None:
+                mask_chunk = restrict_mask(mask_chunk, _region_chunk(region, start, stop))
+            if call.is_causal:
+                mask_chunk = restrict_mask(mask_chunk, causal_mask(n, m, q.device)[start:stop])
+            out[:, :, start:stop] = sdpa_dense(q[:, :, start:stop], k, v, mask_chunk, call.scale,
+                                               enable_gqa=call.enable_gqa)
+        return out

@@ -1,0 +1,127 @@
+"""One entry point: validate, pick a backend (or use the one asked for), run it, restore the layout."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .backends.base import AttentionCall, Backend
+from .backends.linear import LinearBackend
+from .backends.masked import MaskedBackend
+from .backends.sdpa import SDPABackend
+from .heads import merge_heads, qk_layernorm, split_heads
+from .masks import MaskLike, normalize_mask
+
+BACKENDS: Dict[str, Backend] = {}
+# The order "auto" tries; only exact backends are ever picked by "auto".
+AUTO_PRIORITY: List[str] = []
+
+
+def register_backend(backend: Backend, auto_rank: Optional[int] = None) -> None:
+    """Add a backend; with ``auto_rank`` it is also tried by "auto" at that position of the priority list."""
+    BACKENDS[backend.name] = backend
+    if auto_rank is not None and backend.exact and backend.name not in AUTO_PRIORITY:
+        AUTO_PRIORITY.insert(auto_rank, backend.name)
+
+
+register_backend(SDPABackend(), auto_rank=0)
+register_backend(MaskedBackend(), auto_rank=1)
+register_backend(LinearBackend())
+
+
+def _register_kernels() -> None:
+    try:
+        from ..kernels import register as register_kernels
+    except ImportError:  # used as a top-level "attention" package, without the kernels folder beside it
+        return
+    register_kernels(register_backend)
+
+
+class BackendNotSupported(ValueError):
+    """An explicitly requested backend cannot serve these inputs; the message lists why."""
+
+
+@dataclass
+class Explanation:
+    """Which backend "auto" picks for a call and why each other backend was passed over."""
+
+    chosen: str
+    passed_over: Dict[str, List[str]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"auto picks: {self.chosen}"]
+        for name, reasons in self.passed_over.items():
+            lines.append(f"  {name}: " + "; ".join(reasons))
+        return "\n".join(lines)
+
+
+def _prepare(q, k, v, heads, mask, scale, skip_reshape, layernorm, is_causal, enable_gqa) -> AttentionCall:
+    qh, kh, vh = split_heads(q, k, v, heads, skip_reshape=skip_reshape, enable_gqa=enable_gqa)
+    if layernorm:
+        qh, kh = qk_layernorm(qh), qk_layernorm(kh)
+    batch, h, n, _ = qh.shape
+    normalized = normalize_mask(mask, batch, h, n, kh.shape[2], qh.dtype, qh.device)
+    return AttentionCall(qh, kh, vh, normalized, scale, bool(is_causal), bool(enable_gqa) and kh.shape[1] != h)
+
+
+def _choose(call: AttentionCall):
+    passed_over: Dict[str, List[str]] = {}
+    chosen = None
+    for name in AUTO_PRIORITY:
+        reasons = BACKENDS[name].not_supported_reasons(call)
+        if chosen is None and not reasons:
+            chosen = name
+        elif chosen is None:
+            passed_over[name] = reasons
+        else:
+            passed_over[name] = [f"lower priority than {chosen}"]
+    for name, backend in BACKENDS.items():
+        if not backend.exact:
+            passed_over[name] = ["approximate: used only when asked for by name"]
+    if chosen is None:  # masked serves every valid input on CPU and CUDA; only exotic devices end here
+        raise BackendNotSupported("No attention backend supports these inputs:\n" + str(Explanation("none", passed_over)))
+    return chosen, passed_over
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None,
+              attn_precision=None, *, backend: str = "auto", layernorm: bool = False, scale: Optional[float] = None,
+              skip_reshape: bool = False, skip_output_reshape: bool = False, is_causal: bool = False,
+              enable_gqa: bool = False, **comfy_kwargs) -> torch.Tensor:
+    """Multi-head attention, drop-in compatible with ComfyUI's ``optimized_attention``.
+
+    q (B, N, H*D), k (B, M, Hkv*D), v (B, M, Hkv*Dv) -> (B, N, H*Dv); with ``skip_reshape`` the inputs
+    are (B, H, N, D) / (B, Hkv, M, D|Dv), with ``skip_output_reshape`` the output is (B, H, N, Dv).
+    ``mask``: dense bool/additive tensor, RegionMask, or a list of them (see masks.py).
+    ``backend``: "auto" (fastest exact backend for these inputs) or a name from ``BACKENDS``.
+    ``attn_precision`` and other ComfyUI keywords (``transformer_options``, ...) are accepted and
+    ignored: every backend accumulates the softmax in fp32.
+    """
+    call = _prepare(q, k, v, heads, mask, scale, skip_reshape, layernorm, is_causal, enable_gqa)
+    if backend == "auto":
+        name, _ = _choose(call)
+    else:
+        name = backend
+        if name not in BACKENDS:
+            raise ValueError(f"Unknown attention backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+        reasons = BACKENDS[name].not_supported_reasons(call)
+        if reasons:
+            raise BackendNotSupported(f"Attention backend {name!r} cannot serve these inputs: " + "; ".join(reasons))
+    out = BACKENDS[name].forward(call)
+    return out if skip_output_reshape else merge_heads(out)
+
+
+def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None, *,
+            layernorm: bool = False, scale: Optional[float] = None, skip_reshape: bool = False,
+            is_causal: bool = False, enable_gqa: bool = False) -> Explanation:
+    """Which backend ``attention(..., backend="auto")`` picks for these inputs, and why not the others."""
+    call = _prepare(q, k, v, heads, mask, scale, skip_reshape, layernorm, is_causal, enable_gqa)
+    return Explanation(*_choose(call))
+
+
+def availability() -> Dict[str, Optional[str]]:
+    """Backend name -> None when it can run here, else why not."""
+    return {name: backend.unavailable_reason() for name, backend in BACKENDS.items()}
+
+
+_register_kernels()
