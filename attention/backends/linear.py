@@ -15,52 +15,64 @@ from .base import AttentionCall, Backend
 
 
 def key_bias_from_mask(mask: NormalizedMask) -> Optional[torch.Tensor]:
-    """(B|1, 1, M, 1) additive fp32 bias per key from a key-padding mask, or None."""
+    """(B|1, M, 1, 1) additive fp32 bias per key from a key-padding mask, or None."""
     if mask.dense is None:
         return None
-    dense = mask.dense[:, :, 0, :, None]  # (B|1, 1, M, 1)
+    dense = mask.dense[:, 0, 0, :, None, None]  # (B|1, M, 1, 1)
     if dense.dtype == torch.bool:
         return torch.zeros(dense.shape, device=dense.device).masked_fill(~dense, float("-inf"))
     return dense.float()
 
 
 def linear_context(k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax_M(k + key_bias)ᵀ v per head: k (B, H, M, D), v (B, H, M, Dv) fp32 -> (B, H, D, Dv) fp32.
+    """softmax_M(k + key_bias)ᵀ v per head: k (B, M, H, D), v (B, M, H, Dv) fp32 -> (B, H, D, Dv) fp32.
 
     Masked keys (bias -inf) get weight exactly 0; a head with no allowed key gets a zero context.
     """
     logits = k if key_bias is None else k + key_bias
-    k_max = logits.amax(dim=2, keepdim=True)
+    k_max = logits.amax(dim=1, keepdim=True)
     if key_bias is not None:
-        k_max = torch.nan_to_num(k_max, neginf=0.0)  # all keys masked: exp(-inf) = 0 below
-    k_exp = torch.exp(logits - k_max)
-    norm = k_exp.sum(dim=2)  # (B, H, D)
-    context = torch.matmul(k_exp.transpose(-1, -2), v)
-    return context / norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        k_max = torch.nan_to_num(k_max, neginf=0.0)  # all keys masked: exp(-inf - 0) = 0 below
+    k_exp = torch.sub(logits, k_max).exp_()
+    norm = k_exp.sum(dim=1)  # (B, H, D)
+    batch, _, heads, dim = k.shape
+    context = k.new_empty(batch, heads, dim, v.shape[-1])
+    for h in range(heads):  # one (D, M) @ (M, Dv) product per head, on strided views: no copies
+        torch.bmm(k_exp[:, :, h].transpose(1, 2), v[:, :, h], out=context[:, h])
+    return context.div_(norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
+
+
+def apply_context(q_soft: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """q_soft (B, N, H, D) @ context (B, H, D, Dv) per head -> (B, N, H, Dv)."""
+    batch, n, heads, _ = q_soft.shape
+    out = q_soft.new_empty(batch, n, heads, context.shape[-1])
+    for h in range(heads):
+        torch.bmm(q_soft[:, :, h], context[:, h], out=out[:, :, h])
+    return out
 
 
 def linear_attention(q, k, v, mask: NormalizedMask = NormalizedMask(), scale: Optional[float] = None):
     """q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv) -> (B, H, N, Dv) in q's dtype.
 
-    ``mask`` may hold a key-padding dense mask (B|1, 1, 1, M) and/or a RegionMask.
+    ``mask`` may hold a key-padding dense mask (B|1, 1, 1, M) and/or a RegionMask. Works on
+    (B, N, H, D) views internally, so ComfyUI's (B, N, H*D) tensors are never transposed in memory.
     """
     dtype = q.dtype
-    qf = q.float() if scale is None else q.float() * scale
-    q_soft = torch.softmax(qf, dim=-1)
-    kf, vf = k.float(), v.float()
+    q_tokens = q.transpose(1, 2).float()
+    q_soft = torch.softmax(q_tokens if scale is None else q_tokens * scale, dim=-1)
+    k_tokens, v_tokens = k.transpose(1, 2).float(), v.transpose(1, 2).float()
     key_bias = key_bias_from_mask(mask)
-    region = mask.region
-    if region is None:
-        out = torch.matmul(q_soft, linear_context(kf, vf, key_bias))
+    if mask.region is None:
+        out = apply_context(q_soft, linear_context(k_tokens, v_tokens, key_bias))
     else:
-        out = _region_linear(q_soft, kf, vf, region, key_bias)
-    return out.to(dtype)
+        out = _region_linear(q_soft, k_tokens, v_tokens, mask.region, key_bias)
+    return out.transpose(1, 2).to(dtype)
 
 
 def _region_linear(q_soft, k, v, region: RegionMask, key_bias):
     """One context per query label: keys of that label plus the -1 keys; -1 queries see every key."""
-    query_labels = region.query_labels[:, None, :, None]  # (B|1, 1, N, 1)
-    key_labels = region.key_labels[:, None, :, None]  # (B|1, 1, M, 1)
+    query_labels = region.query_labels[:, :, None, None]  # (B|1, N, 1, 1)
+    key_labels = region.key_labels[:, :, None, None]  # (B|1, M, 1, 1)
     out = None
     for label in torch.unique(region.query_labels).tolist():
         bias = key_bias
@@ -68,7 +80,7 @@ def _region_linear(q_soft, k, v, region: RegionMask, key_bias):
             outside = torch.zeros(key_labels.shape, device=k.device).masked_fill(
                 (key_labels != label) & (key_labels != -1), float("-inf"))
             bias = outside if bias is None else bias + outside
-        group_out = torch.matmul(q_soft, linear_context(k, v, bias))
+        group_out = apply_context(q_soft, linear_context(k, v, bias))
         out = group_out if out is None else torch.where(query_labels == label, group_out, out)
     return out
 
