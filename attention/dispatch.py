@@ -119,6 +119,16 @@ def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask:
     return Explanation(*_choose(call))
 
 
+def why_not(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None, *,
+            layernorm: bool = False, scale: Optional[float] = None, skip_reshape: bool = False,
+            is_causal: bool = False, enable_gqa: bool = False) -> List[str]:
+    """Every reason ``backend`` cannot serve these inputs (an empty list when it can)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
+    call = _prepare(q, k, v, heads, mask, scale, skip_reshape, layernorm, is_causal, enable_gqa)
+    return BACKENDS[backend].not_supported_reasons(call)
+
+
 def availability() -> Dict[str, Optional[str]]:
     """Backend name -> None when it can run here, else why not."""
     return {name: backend.unavailable_reason() for name, backend in BACKENDS.items()}

@@ -29,7 +29,9 @@ def sdpa_dense(q, k, v, mask, scale=None, is_causal=False, enable_gqa=False) -> 
         k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal)
     if mask is not None:
-        out = out.masked_fill(rows_without_keys(mask), 0.0)
+        empty_rows = rows_without_keys(mask)
+        if bool(empty_rows.any()):
+            out.masked_fill_(empty_rows, 0.0)
     return out if out.dtype == dtype else out.to(dtype)
 
 
