@@ -204,3 +204,17 @@ def test_bad_choices_are_reported(model):
         patched(model, start_percent=0.8, end_percent=0.2)
     with pytest.raises(ValueError, match="Unknown mask mode"):
         patched(model, mask=_left_half_mask(), mask_mode="everything")
+
+
+def test_older_comfyui_returns_dit_models_unpatched_with_a_warning(comfy, caplog):
+    if comfy_env.is_todays_comfyui():
+        pytest.skip("today's ComfyUI patches DiTs through the attention override (see test_comfy_today.py)")
+    config = comfy.supported_models.SD15({"disable_unet_model_creation": True})
+    model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
+    model.diffusion_model = torch.nn.Linear(4, 4)  # a diffusion model that is not a UNet, as a DiT would be
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                               offload_device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="efficient_attention_pop"):
+        result = patched(patcher, backend="linear")
+    assert "cannot be patched; the model is returned unpatched" in caplog.text
+    assert result.model_options == patcher.model_options
