@@ -53,8 +53,9 @@ def flux_inputs():
 
 
 def run_flux(patcher, x, sigma, context, pooled, wrapped=True):
-    """One forward; with ``wrapped`` through the model-function wrapper, as a sampler calls the model."""
-    options = dict(patcher.model_options.get("transformer_options", {}))
+    """One forward as a sampler makes it: sigmas in transformer_options and, with ``wrapped``, through the
+    model-function wrapper."""
+    options = dict(patcher.model_options.get("transformer_options", {}), sigmas=sigma)
     c = {"c_crossattn": context, "y": pooled, "transformer_options": options}
     with torch.no_grad():
         wrapper = patcher.model_options.get("model_function_wrapper")
@@ -87,12 +88,14 @@ def test_flux_heads_and_layernorm(flux, flux_inputs, monkeypatch):
 
 
 def test_flux_region_mask_keeps_text_tokens_unmasked(flux, flux_inputs, monkeypatch):
+    unmasked = run_flux(patched(flux, backend="masked"), *flux_inputs)
     log = CallLog(monkeypatch)
     mask = torch.zeros(1, 96, 128)
     mask[:, :, :64] = 1.0  # left half of the image inside
     out = run_flux(patched(flux, backend="masked", mask=mask), *flux_inputs)
     assert torch.isfinite(out).all()
-    assert not torch.allclose(out, run_flux(patched(flux, backend="masked"), *flux_inputs), atol=1e-4)
+    assert not torch.allclose(out, unmasked, atol=1e-4)
+    assert len(log.calls) == 2
     for call in log.calls:
         (region,) = call["mask"]
         assert isinstance(region, RegionMask)

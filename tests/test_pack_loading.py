@@ -19,17 +19,27 @@ def load_pack_like_comfyui(module_name="ComfyUI-EfficientAttention-PoP"):
     return module
 
 
+def classic_node(module_name):
+    """The classic (V1) node class of a pack loaded under ``module_name``; the registered class is the V3
+    one where ComfyUI has the V3 schema (tested in test_comfy_today.py)."""
+    pack = load_pack_like_comfyui(module_name)
+    classic = sys.modules[f"{module_name}.nodes.efficient_attention"].EfficientAttentionPoP
+    registered = pack.NODE_CLASS_MAPPINGS["EfficientAttentionPoP"]
+    assert registered is classic or registered.__name__ == "EfficientAttentionPoPV3"
+    return classic
+
+
 def test_loads_under_a_dashed_folder_name():
     pack = load_pack_like_comfyui()
     assert list(pack.NODE_CLASS_MAPPINGS) == ["EfficientAttentionPoP"]
     assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"EfficientAttentionPoP": "Efficient Attention (PoP)"}
-    node = pack.NODE_CLASS_MAPPINGS["EfficientAttentionPoP"]
-    assert node.RETURN_TYPES == ("MODEL",)
+    node = classic_node("ComfyUI-EfficientAttention-PoP")
+    assert node.RETURN_TYPES == ("MODEL",) and node.FUNCTION == "patch"
     assert node.CATEGORY == "model_patches/attention" and "input model is unchanged" in node.DESCRIPTION
 
 
 def test_input_types_have_every_option_with_a_tooltip():
-    node = load_pack_like_comfyui("pack-inputs").NODE_CLASS_MAPPINGS["EfficientAttentionPoP"]
+    node = classic_node("pack-inputs")
     types = node.INPUT_TYPES()
     required, optional = types["required"], types["optional"]
     assert list(required) == ["model", "backend", "heads", "layernorm", "apply_to", "min_tokens", "strength",
@@ -75,7 +85,7 @@ def test_example_workflow_is_consistent_with_the_node():
         assert nodes[source]["outputs"][source_slot]["type"] == nodes[target]["inputs"][target_slot]["type"] == kind
     ours = [n for n in workflow["nodes"] if n["type"] == "EfficientAttentionPoP"]
     assert len(ours) == 1
-    required = load_pack_like_comfyui("pack-workflow").NODE_CLASS_MAPPINGS["EfficientAttentionPoP"].INPUT_TYPES()["required"]
+    required = classic_node("pack-workflow").INPUT_TYPES()["required"]
     widgets = [name for name in required if name != "model"]
     assert len(ours[0]["widgets_values"]) == len(widgets)
     for name, value in zip(widgets, ours[0]["widgets_values"]):
