@@ -1,6 +1,7 @@
 """One entry point: validate, pick a backend (or use the one asked for), run it, restore the layout."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -31,11 +32,11 @@ register_backend(LinearBackend())
 
 
 def _register_kernels() -> None:
-    try:
-        from ..kernels import register as register_kernels
-    except ImportError:  # used as a top-level "attention" package, without the kernels folder beside it
+    """Register the optional kernel backends of kernels/ (beside this package inside the pack)."""
+    pack = __package__.rpartition(".")[0]
+    if not pack:  # attention/ used on its own as a top-level package: no kernels beside it
         return
-    register_kernels(register_backend)
+    importlib.import_module(f"{pack}.kernels").register(register_backend)
 
 
 class BackendNotSupported(ValueError):
