@@ -272,6 +272,16 @@ def test_linear_half_precision_never_overflows(dtype):
     assert (out.double() - reference).abs().max() <= 0.02 * reference.abs().max()
 
 
+@pytest.mark.parametrize("magnitude", [1.0, 59.0, 61.0, 500.0])
+def test_linear_large_logits_fp32(magnitude):
+    """Large k takes the max-shifted path, small k the direct exp: both equal the reference."""
+    q, k, v = comfy_inputs(3, 40, 50, 9, 8, 6, torch.float32, seed=11)
+    k = k / k.abs().max() * magnitude
+    out = attention(q, k, v, 9, backend="linear")
+    qh, kh, vh = (to_heads(t, 9) for t in (q, k, v))
+    assert_close(out, from_heads(naive_linear_attention(qh, kh, vh)), torch.float32, f"|k| <= {magnitude}")
+
+
 def test_linear_differs_from_exact_attention():
     q, k, v = comfy_inputs(1, 64, 64, 2, 16, 16)
     assert not torch.allclose(attention(q, k, v, 2, backend="linear"), attention(q, k, v, 2), atol=1e-2)
