@@ -110,24 +110,34 @@ def comfy_naive(q, k, v, heads, mask=None):
 class PeakMemory:
     """Peak memory of one call above what was allocated before it.
 
-    CUDA: torch's allocator statistics. CPU: resident set size sampled every 0.5 ms on a side thread,
-    with glibc told to serve every allocation above 64 KiB by mmap so freed memory leaves the process
-    at once (otherwise an earlier call's freed pages would hide the next call's).
+    CUDA: torch's allocator statistics. CPU: resident set size sampled every 0.5 ms on a side thread.
+    During that one call glibc serves every allocation above 64 KiB by mmap, so that freed memory leaves
+    the process at once and an earlier call's freed pages cannot hide this call's; afterwards the
+    thresholds go back to where glibc's own adjustment settles (32 MiB mmap, 64 MiB trim), so the
+    timing rounds are not slowed by it.
     """
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.libc = None
         if device.type == "cpu":
             try:
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-            except OSError:
+                self.libc = ctypes.CDLL("libc.so.6")
+            except OSError:  # not glibc: the RSS reading is then an upper bound on reuse
                 pass
 
     @staticmethod
     def _rss() -> int:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * 4096
+
+    def _malloc_thresholds(self, mmap_bytes: int, trim_bytes: int) -> None:
+        if self.libc is not None:
+            self.libc.mallopt(self.M_MMAP_THRESHOLD, mmap_bytes)
+            self.libc.mallopt(self.M_TRIM_THRESHOLD, trim_bytes)
+            self.libc.malloc_trim(0)
 
     def measure(self, fn: Callable[[], object]) -> float:
         """Run fn once; return its peak extra memory in MiB."""
@@ -138,10 +148,8 @@ class PeakMemory:
             fn()
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - before) / 2**20
-        try:
-            before = self._rss()
-        except OSError:
-            return float("nan")
+        self._malloc_thresholds(64 << 10, 128 << 10)
+        before = self._rss()
         peak = [before]
         done = threading.Event()
 
@@ -157,6 +165,7 @@ class PeakMemory:
         finally:
             done.set()
             sampler.join()
+            self._malloc_thresholds(32 << 20, 64 << 20)
         return max(0, peak[0] - before) / 2**20
 
 

@@ -17,6 +17,9 @@ from .base import AttentionCall, Backend
 # |k| <= 60: exp(k) lies in [8.7e-27, 1.2e26], so its sum over fewer than 1e12 tokens fits fp32 without
 # subtracting the max first. Saves a full pass over k on CPU (one min/max pass instead).
 EXP_SAFE_BOUND = 60.0
+# Tokens per step: the fp32 temporaries are (B, TOKEN_CHUNK, H, D), small enough to stay in cache and
+# be reused by the allocator, whatever N is.
+TOKEN_CHUNK = 2048
 
 
 def _within(t: torch.Tensor, bound: float) -> bool:
@@ -35,32 +38,45 @@ def key_bias_from_mask(mask: NormalizedMask) -> Optional[torch.Tensor]:
 
 
 def linear_context(k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax_M(k + key_bias)ᵀ v per head: k (B, M, H, D), v (B, M, H, Dv) fp32 -> (B, H, D, Dv) fp32.
+    """softmax_M(k + key_bias)ᵀ v per head: k (B, M, H, D), v (B, M, H, Dv) -> (B, H, D, Dv) fp32.
 
-    Masked keys (bias -inf) get weight exactly 0; a head with no allowed key gets a zero context.
+    Streams the tokens in chunks (fp32 temporaries of TOKEN_CHUNK tokens, not of M). Masked keys
+    (bias -inf) get weight exactly 0; a head with no allowed key gets a zero context.
     """
-    if key_bias is None and k.device.type == "cpu" and _within(k, EXP_SAFE_BOUND):
-        k_exp = torch.exp(k)  # softmax is shift-invariant, and here neither exp nor its sum can overflow
-    else:
-        logits = k if key_bias is None else k + key_bias
-        k_max = logits.amax(dim=1, keepdim=True)
-        if key_bias is not None:
-            k_max = torch.nan_to_num(k_max, neginf=0.0)  # all keys masked: exp(-inf - 0) = 0 below
-        k_exp = torch.sub(logits, k_max).exp_()
-    norm = k_exp.sum(dim=1)  # (B, H, D)
-    batch, _, heads, dim = k.shape
-    context = k.new_empty(batch, heads, dim, v.shape[-1])
-    for h in range(heads):  # one (D, M) @ (M, Dv) product per head, on strided views: no copies
-        torch.bmm(k_exp[:, :, h].transpose(1, 2), v[:, :, h], out=context[:, h])
+    batch, m, heads, dim = k.shape
+    chunks = [(start, min(m, start + TOKEN_CHUNK)) for start in range(0, m, TOKEN_CHUNK)]
+
+    def logits(start, stop):
+        chunk = k[:, start:stop].float()
+        return chunk if key_bias is None else chunk + key_bias[:, start:stop]
+
+    k_max = None  # None: exp(k) directly (softmax is shift-invariant and nothing can overflow)
+    if not (key_bias is None and k.device.type == "cpu" and _within(k, EXP_SAFE_BOUND)):
+        k_max = torch.stack([logits(*chunk).amax(dim=1) for chunk in chunks]).amax(dim=0)
+        k_max = torch.nan_to_num(k_max, neginf=0.0)[:, None]  # all keys masked: exp(-inf - 0) = 0 below
+    context = torch.zeros(batch, heads, dim, v.shape[-1], device=k.device)
+    norm = torch.zeros(batch, heads, dim, device=k.device)
+    for start, stop in chunks:
+        k_exp = logits(start, stop)
+        k_exp = torch.exp(k_exp) if k_max is None else torch.sub(k_exp, k_max).exp_()
+        v_chunk = v[:, start:stop].float()
+        norm += k_exp.sum(dim=1)
+        for h in range(heads):  # one (D, chunk) @ (chunk, Dv) product per head, on strided views: no copies
+            context[:, h].baddbmm_(k_exp[:, :, h].transpose(1, 2), v_chunk[:, :, h])
     return context.div_(norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
 
 
-def apply_context(q_soft: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """q_soft (B, N, H, D) @ context (B, H, D, Dv) per head -> (B, N, H, Dv)."""
-    batch, n, heads, _ = q_soft.shape
-    out = q_soft.new_empty(batch, n, heads, context.shape[-1])
-    for h in range(heads):
-        torch.bmm(q_soft[:, :, h], context[:, h], out=out[:, :, h])
+def apply_context(q: torch.Tensor, context: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax_D(q · scale) @ context per head: q (B, N, H, D), context (B, H, D, Dv) fp32 -> (B, N, H, Dv)
+    fp32, in chunks of TOKEN_CHUNK queries."""
+    batch, n, heads, _ = q.shape
+    out = torch.empty(batch, n, heads, context.shape[-1], device=q.device)
+    for start in range(0, n, TOKEN_CHUNK):
+        stop = min(n, start + TOKEN_CHUNK)
+        q_chunk = q[:, start:stop].float()
+        q_soft = torch.softmax(q_chunk if scale is None else q_chunk * scale, dim=-1)
+        for h in range(heads):
+            torch.bmm(q_soft[:, :, h], context[:, h], out=out[:, start:stop, h])
     return out
 
 
@@ -70,19 +86,16 @@ def linear_attention(q, k, v, mask: NormalizedMask = NormalizedMask(), scale: Op
     ``mask`` may hold a key-padding dense mask (B|1, 1, 1, M) and/or a RegionMask. Works on
     (B, N, H, D) views internally, so ComfyUI's (B, N, H*D) tensors are never transposed in memory.
     """
-    dtype = q.dtype
-    q_tokens = q.transpose(1, 2).float()
-    q_soft = torch.softmax(q_tokens if scale is None else q_tokens * scale, dim=-1)
-    k_tokens, v_tokens = k.transpose(1, 2).float(), v.transpose(1, 2).float()
+    q_tokens, k_tokens, v_tokens = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     key_bias = key_bias_from_mask(mask)
     if mask.region is None:
-        out = apply_context(q_soft, linear_context(k_tokens, v_tokens, key_bias))
+        out = apply_context(q_tokens, linear_context(k_tokens, v_tokens, key_bias), scale)
     else:
-        out = _region_linear(q_soft, k_tokens, v_tokens, mask.region, key_bias)
-    return out.transpose(1, 2).to(dtype)
+        out = _region_linear(q_tokens, k_tokens, v_tokens, mask.region, key_bias, scale)
+    return out.transpose(1, 2).to(q.dtype)
 
 
-def _region_linear(q_soft, k, v, region: RegionMask, key_bias):
+def _region_linear(q, k, v, region: RegionMask, key_bias, scale):
     """One context per query label: keys of that label plus the -1 keys; -1 queries see every key."""
     query_labels = region.query_labels[:, :, None, None]  # (B|1, N, 1, 1)
     key_labels = region.key_labels[:, :, None, None]  # (B|1, M, 1, 1)
@@ -93,7 +106,7 @@ def _region_linear(q_soft, k, v, region: RegionMask, key_bias):
             outside = torch.zeros(key_labels.shape, device=k.device).masked_fill(
                 (key_labels != label) & (key_labels != -1), float("-inf"))
             bias = outside if bias is None else bias + outside
-        group_out = apply_context(q_soft, linear_context(k, v, bias))
+        group_out = apply_context(q, linear_context(k, v, bias), scale)
         out = group_out if out is None else torch.where(query_labels == label, group_out, out)
     return out
 

@@ -71,7 +71,7 @@ class MaskedBackend(Backend):
             _region_attention(q, k, v, region, call.scale, out)
             return out
         chunk = query_chunk_size(batch, heads, n, m)
-        if region is None and chunk >= n:
+        if region is None and (dense is None or chunk >= n):  # torch SDPA itself keeps no score matrix
             return sdpa_dense(q, k, v, dense, call.scale, call.is_causal, call.enable_gqa)
         out = q.new_empty(batch, heads, n, v.shape[-1])
         for start in range(0, n, chunk):
