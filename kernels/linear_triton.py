@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 
 from ..attention.backends.base import AttentionCall, Backend
-from ..attention.backends.linear import key_bias_from_mask
+from ..attention.backends.linear import efficient_attention_limits, key_bias_from_mask
 from . import triton_support
 from .triton_support import ceil_div, dot_precision, padded_dim, runs_interpreted
 
@@ -97,15 +97,9 @@ class LinearTritonBackend(Backend):
     def not_supported_reasons(self, call: AttentionCall) -> List[str]:
         reasons = super().not_supported_reasons(call)
         reasons += triton_support.call_reasons(call)
-        if call.is_causal:
-            reasons.append("is_causal is not supported: Efficient Attention has one context for all queries")
-        if call.k.shape[1] != call.q.shape[1]:
-            reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
+        reasons += efficient_attention_limits(call, "key-padding masks")
         if call.mask.region is not None:
             reasons.append("region masks are not fused; backend 'linear' serves them with one context per label")
-        if call.mask.dense is not None and not call.mask.is_key_padding:
-            reasons.append(f"dense mask of shape {tuple(call.mask.dense.shape)} is not a key-padding mask "
-                           "(B or 1, 1, 1, M); only key-padding masks are supported")
         return reasons
 
     def forward(self, call: AttentionCall) -> torch.Tensor:

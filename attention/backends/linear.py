@@ -6,7 +6,7 @@ accumulated in fp32, so fp16/bf16 inputs cannot overflow.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -54,7 +54,7 @@ def linear_context(k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Te
     if not (key_bias is None and k.device.type == "cpu" and _within(k, EXP_SAFE_BOUND)):
         k_max = torch.stack([logits(*chunk).amax(dim=1) for chunk in chunks]).amax(dim=0)
         k_max = torch.nan_to_num(k_max, neginf=0.0)[:, None]  # all keys masked: exp(-inf - 0) = 0 below
-    context = torch.zeros(batch, heads, dim, v.shape[-1], device=k.device)
+    context = torch.zeros(heads, batch, dim, v.shape[-1], device=k.device)  # head-major: context[h] contiguous
     norm = torch.zeros(batch, heads, dim, device=k.device)
     for start, stop in chunks:
         k_exp = logits(start, stop)
@@ -62,7 +62,8 @@ def linear_context(k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Te
         v_chunk = v[:, start:stop].float()
         norm += k_exp.sum(dim=1)
         for h in range(heads):  # one (D, chunk) @ (chunk, Dv) product per head, on strided views: no copies
-            context[:, h].baddbmm_(k_exp[:, :, h].transpose(1, 2), v_chunk[:, :, h])
+            context[h].baddbmm_(k_exp[:, :, h].transpose(1, 2), v_chunk[:, :, h])
+    context = context.transpose(0, 1)
     return context.div_(norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
 
 
@@ -71,12 +72,13 @@ def apply_context(q: torch.Tensor, context: torch.Tensor, scale: Optional[float]
     fp32, in chunks of TOKEN_CHUNK queries."""
     batch, n, heads, _ = q.shape
     out = torch.empty(batch, n, heads, context.shape[-1], device=q.device)
-    for start in range(0, n, TOKEN_CHUNK):
-        stop = min(n, start + TOKEN_CHUNK)
-        q_chunk = q[:, start:stop].float()
-        q_soft = torch.softmax(q_chunk if scale is None else q_chunk * scale, dim=-1)
-        for h in range(heads):
-            torch.bmm(q_soft[:, :, h], context[:, h], out=out[:, start:stop, h])
+    for b in range(batch):
+        for start in range(0, n, TOKEN_CHUNK):
+            stop = min(n, start + TOKEN_CHUNK)
+            q_chunk = q[b, start:stop].float()
+            q_soft = torch.softmax(q_chunk if scale is None else q_chunk * scale, dim=-1)
+            for h in range(heads):
+                torch.mm(q_soft[:, h], context[b, h], out=out[b, start:stop, h])
     return out
 
 
@@ -111,6 +113,19 @@ def _region_linear(q, k, v, region: RegionMask, key_bias, scale):
     return out
 
 
+def efficient_attention_limits(call: AttentionCall, supported_masks: str) -> List[str]:
+    """What Efficient Attention itself cannot do, for every backend that implements it."""
+    reasons = []
+    if call.is_causal:
+        reasons.append("is_causal is not supported: Efficient Attention has one context for all queries")
+    if call.k.shape[1] != call.q.shape[1]:
+        reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
+    if call.mask.dense is not None and not call.mask.is_key_padding:
+        reasons.append(f"dense mask of shape {tuple(call.mask.dense.shape)} is not a key-padding mask "
+                       f"(B or 1, 1, 1, M); only {supported_masks} are supported")
+    return reasons
+
+
 class LinearBackend(Backend):
     name = "linear"
     exact = False
@@ -118,15 +133,8 @@ class LinearBackend(Backend):
                    "and region masks")
 
     def not_supported_reasons(self, call: AttentionCall):
-        reasons = super().not_supported_reasons(call)
-        if call.is_causal:
-            reasons.append("is_causal is not supported: Efficient Attention has one context for all queries")
-        if call.k.shape[1] != call.q.shape[1]:
-            reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
-        if call.mask.dense is not None and not call.mask.is_key_padding:
-            reasons.append(f"dense mask of shape {tuple(call.mask.dense.shape)} is not a key-padding mask "
-                           "(B or 1, 1, 1, M); only key-padding masks and RegionMasks are supported")
-        return reasons
+        limits = efficient_attention_limits(call, "key-padding masks and RegionMasks")
+        return super().not_supported_reasons(call) + limits
 
     def forward(self, call: AttentionCall) -> torch.Tensor:
         return linear_attention(call.q, call.k, call.v, call.mask, call.scale)
