@@ -89,6 +89,31 @@ def test_fully_masked_rows_are_zero_not_nan(backend, dtype):
         assert torch.isfinite(out).all() and (out == 0).all()
 
 
+@pytest.mark.parametrize("backend", EXACT)
+def test_fully_masked_rows_are_zero_where_torch_sdpa_gives_nan(backend, monkeypatch):
+    """Older torch versions and some kernels return NaN for rows with no allowed key: still zeros here."""
+    real = F.scaled_dot_product_attention
+
+    def nan_for_empty_rows(q, k, v, attn_mask=None, **kwargs):
+        out = real(q, k, v, attn_mask=attn_mask, **kwargs)
+        if attn_mask is None:
+            return out
+        allowed = attn_mask if attn_mask.dtype == torch.bool else ~torch.isneginf(attn_mask)
+        return out.masked_fill(~allowed.any(-1, keepdim=True), float("nan"))
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", nan_for_empty_rows)
+    q, k, v = comfy_inputs(2, 6, 5, 2, 4, 4)
+    mask = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(0)) > 0.4
+    mask[:, 2] = False
+    out = attention(q, k, v, 2, mask, backend=backend)
+    qh, kh, vh = (to_heads(t, 2) for t in (q, k, v))
+    assert_close(out, from_heads(naive_attention(qh, kh, vh, mask[:, None])), torch.float32, "NaN rows")
+    assert (out[:, 2] == 0).all()
+    nan_input = q.clone()
+    nan_input[0, 0, 0] = float("nan")  # NaN from the inputs is not hidden
+    assert torch.isnan(attention(nan_input, k, v, 2, mask, backend=backend)[0, 0]).any()
+
+
 @pytest.mark.parametrize("backend", ["auto", "masked"])
 @given(shape=shapes, seed=st.integers(0, 2**16), shared=st.booleans(), n_labels=st.integers(1, 4))
 @HYPO
@@ -118,7 +143,7 @@ def test_region_mask_to_dense_reads_labels_as_documented():
 
 @pytest.mark.parametrize("form", ["bool:3d", "additive:4d", "bias:2d", "bool:key_padding"])
 def test_masked_chunked_path_with_region_and_dense_combined(monkeypatch, form):
-    monkeypatch.setattr(masked_module, "CHUNK_SCORE_ELEMENTS", 64)  # forces many query chunks
+    monkeypatch.setattr(masked_module, "CHUNK_MASK_BYTES", 256)  # forces many query chunks
     batch, n, m, heads = 2, 23, 17, 3
     q, k, v = comfy_inputs(batch, n, m, heads, 8, 6)
     gen = torch.Generator().manual_seed(3)
@@ -136,7 +161,7 @@ def test_masked_chunked_path_with_region_and_dense_combined(monkeypatch, form):
 @pytest.mark.parametrize("backend", EXACT)
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_is_causal(backend, with_mask, monkeypatch):
-    monkeypatch.setattr(masked_module, "CHUNK_SCORE_ELEMENTS", 100)
+    monkeypatch.setattr(masked_module, "CHUNK_MASK_BYTES", 400)
     q, k, v = comfy_inputs(2, 9, 12, 2, 8, 8, seed=5)
     mask = (torch.rand(2, 9, 12, generator=torch.Generator().manual_seed(1)) > 0.3) if with_mask else None
     out = attention(q, k, v, 2, mask, backend=backend, is_causal=True)

@@ -1,6 +1,8 @@
 """Exact masked attention that never materialises a (B, H, N, M) float tensor.
 
-Dense masks: queries are processed in chunks, so at most (B, H, chunk, M) scores exist at once.
+Dense masks: queries are processed in chunks, each through torch SDPA with its slice of the mask, so
+at most a (B|1, H|1, chunk, M) float copy of the mask exists at once (SDPA converts boolean masks to
+float), never one of the whole mask; SDPA's fused kernels keep no score matrix.
 Region masks: tokens are grouped by label and every group runs unmasked attention on its own keys,
 so no N x M mask exists at all.
 """
@@ -12,12 +14,13 @@ from ..masks import RegionMask, restrict_mask
 from .base import AttentionCall, Backend
 from .sdpa import causal_mask, sdpa_dense
 
-# Upper bound for one chunk's fp32 score block, in elements of (B, H, chunk, M).
-CHUNK_SCORE_ELEMENTS = 1 << 25  # 128 MiB of fp32
+# Upper bound for one chunk's mask slice as a float tensor, in bytes.
+CHUNK_MASK_BYTES = 64 << 20
 
 
-def query_chunk_size(batch: int, heads: int, n: int, m: int) -> int:
-    return max(1, min(n, CHUNK_SCORE_ELEMENTS // max(1, batch * heads * m)))
+def query_chunk_size(mask_rows_per_query: int, n: int, m: int) -> int:
+    """Queries per chunk so that (mask_rows_per_query, chunk, M) fp32 fits CHUNK_MASK_BYTES."""
+    return max(1, min(n, CHUNK_MASK_BYTES // (4 * max(1, mask_rows_per_query * m))))
 
 
 def _region_attention(q, k, v, region: RegionMask, scale, out) -> None:
@@ -70,8 +73,11 @@ class MaskedBackend(Backend):
             out = q.new_empty(batch, heads, n, v.shape[-1])
             _region_attention(q, k, v, region, call.scale, out)
             return out
-        chunk = query_chunk_size(batch, heads, n, m)
-        if region is None and (dense is None or chunk >= n):  # torch SDPA itself keeps no score matrix
+        rows = max(dense.shape[0] * dense.shape[1] if dense is not None else 1,
+                   region.query_labels.shape[0] if region is not None else 1)
+        chunk = query_chunk_size(rows, n, m)
+        if region is None and (dense is None or dense.shape[2] == 1 or chunk >= n):
+            # nothing grows with N: torch SDPA's fused kernels keep no score matrix
             return sdpa_dense(q, k, v, dense, call.scale, call.is_causal, call.enable_gqa)
         out = q.new_empty(batch, heads, n, v.shape[-1])
         for start in range(0, n, chunk):
