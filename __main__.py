@@ -44,6 +44,12 @@ def bench(args) -> int:
     if unknown:
         print(f"error: unknown preset(s) {unknown}; choose from {list(PRESETS)}", file=sys.stderr)
         return 2
+    from .attention import BACKENDS
+
+    unknown = [b for b in args.backends or [] if b not in BACKENDS]
+    if unknown:
+        print(f"error: unknown backend(s) {unknown}; choose from {list(BACKENDS)}", file=sys.stderr)
+        return 2
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     masks = {"both": ("none", "mask"), "none": ("none",), "mask": ("mask",)}[args.mask]
     print(f"efficient_attention_pop bench: device={args.device} dtype={args.dtype} repeats={repeats} "
@@ -52,7 +58,8 @@ def bench(args) -> int:
     if peak:
         print(peak)
     started = time.perf_counter()
-    rows = run([PRESETS[n] for n in names], DTYPES[args.dtype], args.device, repeats=repeats, masks=masks)
+    rows = run([PRESETS[n] for n in names], DTYPES[args.dtype], args.device, repeats=repeats, masks=masks,
+               backends=args.backends)
     for name in names:
         print(f"{name}: {PRESETS[name].describe()}")
     print(format_table(rows, args.device))
@@ -71,6 +78,9 @@ def main(argv=None) -> int:
     bench_parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     bench_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench_parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 5, 3 quick)")
+    bench_parser.add_argument("--backend", dest="backends", action="append",
+                              help="backend to compare with torch SDPA (repeatable); default: every available one "
+                                   "plus ComfyUI-style naive attention as a memory reference")
     bench_parser.add_argument("--mask", choices=["both", "none", "mask"], default="both",
                               help="run each workload without a mask, with one, or both")
     bench_parser.add_argument("--quick", action="store_true", help="SD1.5 512px presets only; under a minute on 2 cores")

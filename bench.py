@@ -187,12 +187,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _candidates(workload: Workload, q, k, v, region, dense, include_naive: bool):
-    """(label, fn) for torch SDPA and every backend that can serve this workload here, with each mask form."""
+def _candidates(workload: Workload, q, k, v, region, dense, include_naive: bool, backends: Optional[List[str]]):
+    """(label, fn) for torch SDPA and every backend (of ``backends``, default all) that can serve this
+    workload here, with each mask form."""
     h = workload.heads
     yield "torch SDPA", lambda: torch_sdpa(q, k, v, h, dense)
     mask_forms = [dense] if region is dense else [dense, region]
-    for name in BACKENDS:
+    for name in backends or BACKENDS:
         for mask in mask_forms:
             if why_not(name, q, k, v, h, mask):
                 continue
@@ -212,15 +213,16 @@ def _throughput(label: str, workload: Workload, dtype, seconds: float, allowed_f
 
 
 def run(workloads: List[Workload], dtype=torch.float32, device="cpu", repeats: int = 5, warmup: int = 1,
-        masks=("none", "mask"), progress=sys.stderr) -> List[Row]:
+        masks=("none", "mask"), backends: Optional[List[str]] = None, progress=sys.stderr) -> List[Row]:
+    """Benchmark ``backends`` (default: all, plus the ComfyUI-style naive attention as a memory reference)."""
     device = torch.device(device)
     memory = PeakMemory(device)
     rows: List[Row] = []
     jobs = [(w, variant) for w in workloads for variant in masks]
     for index, (workload, variant) in enumerate(jobs, 1):
         q, k, v, region, dense = build_inputs(workload, dtype, device, variant == "mask")
-        include_naive = workload.batch * workload.heads * workload.n * workload.m * 4 <= 2**31
-        candidates = dict(_candidates(workload, q, k, v, region, dense, include_naive))
+        include_naive = backends is None and workload.batch * workload.heads * workload.n * workload.m * 4 <= 2**31
+        candidates = dict(_candidates(workload, q, k, v, region, dense, include_naive, backends))
         exact = torch_sdpa(q.float(), k.float(), v.float(), workload.heads, dense)
         allowed_fraction = 1.0 if dense is None else float(dense.float().mean())
         times: Dict[str, List[float]] = {label: [] for label in candidates}

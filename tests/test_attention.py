@@ -90,7 +90,8 @@ def test_fully_masked_rows_are_zero_not_nan(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", EXACT)
-def test_fully_masked_rows_are_zero_where_torch_sdpa_gives_nan(backend, monkeypatch):
+@pytest.mark.parametrize("m, dim_v", [(5, 4), (50, 2)])  # mask smaller, and larger, than the output
+def test_fully_masked_rows_are_zero_where_torch_sdpa_gives_nan(backend, m, dim_v, monkeypatch):
     """Older torch versions and some kernels return NaN for rows with no allowed key: still zeros here."""
     real = F.scaled_dot_product_attention
 
@@ -102,8 +103,8 @@ def test_fully_masked_rows_are_zero_where_torch_sdpa_gives_nan(backend, monkeypa
         return out.masked_fill(~allowed.any(-1, keepdim=True), float("nan"))
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", nan_for_empty_rows)
-    q, k, v = comfy_inputs(2, 6, 5, 2, 4, 4)
-    mask = torch.rand(2, 6, 5, generator=torch.Generator().manual_seed(0)) > 0.4
+    q, k, v = comfy_inputs(2, 6, m, 2, 4, dim_v)
+    mask = torch.rand(2, 6, m, generator=torch.Generator().manual_seed(0)) > 0.4
     mask[:, 2] = False
     out = attention(q, k, v, 2, mask, backend=backend)
     qh, kh, vh = (to_heads(t, 2) for t in (q, k, v))

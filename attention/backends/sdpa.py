@@ -28,10 +28,15 @@ def sdpa_dense(q, k, v, mask, scale=None, is_causal=False, enable_gqa=False) -> 
     if enable_gqa:
         k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal)
-    if mask is not None and bool(torch.isnan(out).any()):
-        # Query rows with no allowed key come out of SDPA as 0 or NaN, depending on kernel and version.
-        # Checking the small output is cheap; the (.., N, M) mask is scanned only when there is a NaN.
-        out.masked_fill_(rows_without_keys(mask), 0.0)
+    if mask is not None:
+        # Query rows with no allowed key come out of SDPA as 0 or NaN, depending on kernel and version:
+        # zero them, scanning whichever is smaller, the mask or the output (then the mask only on a NaN).
+        if mask.numel() <= out.numel():
+            empty_rows = rows_without_keys(mask)
+            if bool(empty_rows.any()):
+                out.masked_fill_(empty_rows, 0.0)
+        elif bool(torch.isnan(out).any()):
+            out.masked_fill_(rows_without_keys(mask), 0.0)
     return out if out.dtype == dtype else out.to(dtype)
 
 
