@@ -77,8 +77,7 @@ def apply_context(q: torch.Tensor, context: torch.Tensor, scale: Optional[float]
             stop = min(n, start + TOKEN_CHUNK)
             q_chunk = q[b, start:stop].float()
             q_soft = torch.softmax(q_chunk if scale is None else q_chunk * scale, dim=-1)
-            for h in range(heads):
-                torch.mm(q_soft[:, h], context[b, h], out=out[b, start:stop, h])
+            out[b, start:stop] = torch.bmm(q_soft.transpose(0, 1), context[b]).transpose(0, 1)
     return out
 
 
