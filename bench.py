@@ -260,16 +260,21 @@ def run(workloads: List[Workload], dtype=torch.float32, device="cpu", repeats: i
                             errors[label][0], errors[label][1],
                             _throughput(label, workload, dtype, median, allowed_fraction)))
         del q, k, v, region, dense, exact, candidates
-    if progress is not None:
+    if progress is not None and progress.isatty():
         progress.write("\r" + " " * 100 + "\r")
         progress.flush()
     return rows
 
 
 def _progress(stream, index, total, workload, variant, what):
+    """One line rewritten in place on a terminal; elsewhere (a log) one line per workload."""
     if stream is None:
         return
-    stream.write(f"\r[{index}/{total}] {workload.name} ({variant}) {what}".ljust(100)[:100])
+    line = f"[{index}/{total}] {workload.name} ({variant})"
+    if stream.isatty():
+        stream.write(f"\r{line} {what}".ljust(100)[:100])
+    elif what.endswith("warm-up") and what.startswith("torch SDPA"):
+        stream.write(line + "\n")
     stream.flush()
 
 
