@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from ..attention import BACKENDS, allows_everything, attention, explain
+from ..attention import BACKENDS, RegionMask, allows_everything, attention, explain
 from ..attention.regions import MASK_MODES, find_token_layout, region_mask_for_layout
 
 logger = logging.getLogger("efficient_attention_pop")
@@ -163,8 +163,8 @@ class AttentionPatch:
         key = (layout, batch, latent_batch, str(device))
         if key not in self._regions:
             region = region_mask_for_layout(self.settings.mask, self.settings.mask_mode, layout, batch, latent_batch)
-            if region is not None:
-                region = type(region)(region.query_labels.to(device), region.key_labels.to(device))
+            if region is not None:  # labels live on the compute device, once per layout
+                region = RegionMask(region.query_labels.to(device), region.key_labels.to(device))
             self._regions[key] = region
         return self._regions[key]
 
