@@ -218,3 +218,22 @@ def test_older_comfyui_returns_dit_models_unpatched_with_a_warning(comfy, caplog
         result = patched(patcher, backend="linear")
     assert "cannot be patched; the model is returned unpatched" in caplog.text
     assert result.model_options == patcher.model_options
+
+
+def test_comfyui_loads_the_pack_with_its_own_loader(comfy, tmp_path):
+    """ComfyUI's nodes.load_custom_node on the pack folder, named as a git clone would be."""
+    import asyncio
+    import inspect
+    import os
+
+    try:
+        import nodes
+    except ImportError as error:  # the March 2024 nodes.py needs torchvision, which CI's torch lacks
+        pytest.skip(f"ComfyUI's nodes.py cannot be imported here ({error}); run with COMFYUI_PATH to cover it")
+    folder = tmp_path / "ComfyUI-EfficientAttention-PoP"
+    os.symlink(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), folder)
+    loaded = nodes.load_custom_node(str(folder))
+    assert (asyncio.run(loaded) if inspect.isawaitable(loaded) else loaded) is True
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["EfficientAttentionPoP"] == "Efficient Attention (PoP)"
+    node = nodes.NODE_CLASS_MAPPINGS["EfficientAttentionPoP"]
+    assert list(node.INPUT_TYPES()["required"])[:2] == ["model", "backend"]
