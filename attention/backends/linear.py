@@ -14,17 +14,12 @@ from ..masks import NormalizedMask, RegionMask
 from .base import AttentionCall, Backend
 
 
-# |k| <= 60: exp(k) lies in [8.7e-27, 1.2e26], so its sum over fewer than 1e12 tokens fits fp32 without
-# subtracting the max first. Saves a full pass over k on CPU (one min/max pass instead).
-EXP_SAFE_BOUND = 60.0
+# Without subtracting the max, exp(k) is used only when the normaliser shows it was safe: finite (no
+# overflow) and above this floor (the largest terms are normal floats, so nothing of weight was lost).
+DIRECT_EXP_MIN_NORM = 1e-20
 # Tokens per step: the fp32 temporaries are (B, TOKEN_CHUNK, H, D), small enough to stay in cache and
 # be reused by the allocator, whatever N is.
 TOKEN_CHUNK = 2048
-
-
-def _within(t: torch.Tensor, bound: float) -> bool:
-    low, high = torch.aminmax(t)
-    return max(-float(low), float(high)) <= bound
 
 
 def key_bias_from_mask(mask: NormalizedMask) -> Optional[torch.Tensor]:
@@ -41,30 +36,42 @@ def linear_context(k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Te
     """softmax_M(k + key_bias)ᵀ v per head: k (B, M, H, D), v (B, M, H, Dv) -> (B, H, D, Dv) fp32.
 
     Streams the tokens in chunks (fp32 temporaries of TOKEN_CHUNK tokens, not of M). Masked keys
-    (bias -inf) get weight exactly 0; a head with no allowed key gets a zero context.
+    (bias -inf) get weight exactly 0; a head with no allowed key gets a zero context. On CPU without a
+    mask, exp(k) is tried first without the max pass (softmax is shift-invariant) and redone with it
+    only if that overflowed or underflowed.
     """
+    if key_bias is None and k.device.type == "cpu":
+        context, norm = _context_sums(k, v, None, None)
+        if bool(torch.isfinite(norm).all()) and bool((norm > DIRECT_EXP_MIN_NORM).all()):
+            return context.div_(norm[..., None])
+    k_max = torch.stack([_logits(k, key_bias, start, stop).amax(dim=1) for start, stop in _chunks(k.shape[1])])
+    k_max = torch.nan_to_num(k_max.amax(dim=0), neginf=0.0)[:, None]  # all keys masked: exp(-inf - 0) = 0
+    context, norm = _context_sums(k, v, key_bias, k_max)
+    return context.div_(norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
+
+
+def _chunks(tokens: int):
+    return [(start, min(tokens, start + TOKEN_CHUNK)) for start in range(0, tokens, TOKEN_CHUNK)]
+
+
+def _logits(k, key_bias, start, stop):
+    chunk = k[:, start:stop].float()
+    return chunk if key_bias is None else chunk + key_bias[:, start:stop]
+
+
+def _context_sums(k, v, key_bias, k_max):
+    """Σ_m exp(k_m + bias_m - k_max) v_m per head (B, H, D, Dv), and Σ_m exp(...) (B, H, D); fp32."""
     batch, m, heads, dim = k.shape
-    chunks = [(start, min(m, start + TOKEN_CHUNK)) for start in range(0, m, TOKEN_CHUNK)]
-
-    def logits(start, stop):
-        chunk = k[:, start:stop].float()
-        return chunk if key_bias is None else chunk + key_bias[:, start:stop]
-
-    k_max = None  # None: exp(k) directly (softmax is shift-invariant and nothing can overflow)
-    if not (key_bias is None and k.device.type == "cpu" and _within(k, EXP_SAFE_BOUND)):
-        k_max = torch.stack([logits(*chunk).amax(dim=1) for chunk in chunks]).amax(dim=0)
-        k_max = torch.nan_to_num(k_max, neginf=0.0)[:, None]  # all keys masked: exp(-inf - 0) = 0 below
     context = torch.zeros(heads, batch, dim, v.shape[-1], device=k.device)  # head-major: context[h] contiguous
     norm = torch.zeros(batch, heads, dim, device=k.device)
-    for start, stop in chunks:
-        k_exp = logits(start, stop)
+    for start, stop in _chunks(m):
+        k_exp = _logits(k, key_bias, start, stop)
         k_exp = torch.exp(k_exp) if k_max is None else torch.sub(k_exp, k_max).exp_()
         v_chunk = v[:, start:stop].float()
         norm += k_exp.sum(dim=1)
         for h in range(heads):  # one (D, chunk) @ (chunk, Dv) product per head, on strided views: no copies
             context[h].baddbmm_(k_exp[:, :, h].transpose(1, 2), v_chunk[:, :, h])
-    context = context.transpose(0, 1)
-    return context.div_(norm.clamp_min(torch.finfo(torch.float32).tiny)[..., None])
+    return context.transpose(0, 1), norm
 
 
 def apply_context(q: torch.Tensor, context: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
