@@ -76,9 +76,9 @@ def _context_sums(k, v, key_bias, k_max):
 
 def apply_context(q: torch.Tensor, context: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """softmax_D(q · scale) @ context per head: q (B, N, H, D), context (B, H, D, Dv) fp32 -> (B, N, H, Dv)
-    fp32, in chunks of TOKEN_CHUNK queries."""
+    in q's dtype, computed in fp32 in chunks of TOKEN_CHUNK queries."""
     batch, n, heads, _ = q.shape
-    out = torch.empty(batch, n, heads, context.shape[-1], device=q.device)
+    out = torch.empty(batch, n, heads, context.shape[-1], dtype=q.dtype, device=q.device)
     for b in range(batch):
         for start in range(0, n, TOKEN_CHUNK):
             stop = min(n, start + TOKEN_CHUNK)
@@ -100,7 +100,7 @@ def linear_attention(q, k, v, mask: NormalizedMask = NormalizedMask(), scale: Op
         out = apply_context(q_tokens, linear_context(k_tokens, v_tokens, key_bias), scale)
     else:
         out = _region_linear(q_tokens, k_tokens, v_tokens, mask.region, key_bias, scale)
-    return out.transpose(1, 2).to(q.dtype)
+    return out.transpose(1, 2)
 
 
 def _region_linear(q, k, v, region: RegionMask, key_bias, scale):
