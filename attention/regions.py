@@ -37,10 +37,6 @@ class TokenLayout:
     def image_tokens(self) -> int:
         return self.frames * self.height * self.width
 
-    @property
-    def tokens(self) -> int:
-        return self.before + self.image_tokens + self.after
-
 
 def _halvings(height: int, width: int):
     for _ in range(MAX_DOWNSAMPLE_LEVELS):

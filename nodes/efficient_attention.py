@@ -63,8 +63,7 @@ def apply_efficient_attention(model, backend, heads, layernorm, apply_to, min_to
         model, start_percent=start_percent, end_percent=end_percent, backend=backend, heads=heads,
         layernorm=layernorm, apply_to=apply_to, min_tokens=min_tokens, strength=strength, mask=mask,
         mask_mode=mask_mode)
-    patched, _mechanism = patch_model(model, settings)
-    return patched
+    return patch_model(model, settings)
 
 
 class EfficientAttentionPoP:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -255,8 +255,8 @@ def unet_transformer_blocks(diffusion_model):
     return found
 
 
-def patch_model(model, settings: PatchSettings) -> Tuple[object, str]:
-    """Clone ``model`` (a ComfyUI ModelPatcher) and install the attention; returns (clone, mechanism)."""
+def patch_model(model, settings: PatchSettings):
+    """Clone ``model`` (a ComfyUI ModelPatcher), install the attention on the clone and return it."""
     import comfy.ldm.modules.attention as comfy_attention
 
     patched = model.clone()
@@ -281,10 +281,10 @@ def patch_model(model, settings: PatchSettings) -> Tuple[object, str]:
         logger.warning("Efficient Attention (PoP): this ComfyUI has no attention override (added in 0.3.60) and %s is "
                        "not a UNet, so it cannot be patched; the model is returned unpatched. Update ComfyUI.",
                        family.name)
-        return patched, "none"
+        return patched
     patched.set_model_unet_function_wrapper(
         attention_patch.model_function_wrapper(patched.model_options.get("model_function_wrapper")))
-    if family.is_unet is False and settings.apply_to == "cross-attention" and family.text_first is not None:
+    if not family.is_unet and settings.apply_to == "cross-attention" and family.text_first is not None:
         logger.warning("Efficient Attention (PoP): %s uses joint attention (one self-attention call over text and "
                        "image tokens) and has no separate cross-attention; apply_to=cross-attention patches nothing",
                        family.name)
@@ -293,7 +293,7 @@ def patch_model(model, settings: PatchSettings) -> Tuple[object, str]:
                 family.name, mechanism, settings.backend, settings.min_tokens, settings.heads or "model's",
                 settings.layernorm, settings.apply_to, settings.strength, settings.sigma_end, settings.sigma_start,
                 "none" if settings.mask is None else f"{tuple(settings.mask.shape)} {settings.mask_mode}")
-    return patched, mechanism
+    return patched
 
 
 def settings_for_model(model, *, start_percent: float, end_percent: float, **choices) -> PatchSettings:
