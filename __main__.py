@@ -34,7 +34,7 @@ def info(_args) -> int:
 
 
 def bench(args) -> int:
-    from .bench import PRESETS, QUICK_PRESETS, device_peak_line, format_table, run
+    from .benchmark.speed import PRESETS, QUICK_PRESETS, device_peak_line, format_table, run
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)

@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .attention import BACKENDS, RegionMask, attention, why_not
-from .attention.heads import merge_heads
+from ..attention import BACKENDS, RegionMask, attention, why_not
+from ..attention.heads import merge_heads
 
 
 @dataclass(frozen=True)
