@@ -57,7 +57,11 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _prepare(q, k, v, heads, mask, scale, skip_reshape, layernorm, is_causal, enable_gqa) -> AttentionCall:
+def prepare_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None, *,
+                 layernorm: bool = False, scale: Optional[float] = None, skip_reshape: bool = False,
+                 is_causal: bool = False, enable_gqa: bool = False) -> AttentionCall:
+    """Validate the inputs (ValueError naming the shapes and what was expected) and bring them to the
+    split-head form every backend takes."""
     qh, kh, vh = split_heads(q, k, v, heads, skip_reshape=skip_reshape, enable_gqa=enable_gqa)
     if layernorm:
         qh, kh = qk_layernorm(qh), qk_layernorm(kh)
@@ -85,6 +89,25 @@ def _choose(call: AttentionCall):
     return chosen, passed_over
 
 
+def select_backend(call: AttentionCall, backend: str = "auto") -> str:
+    """The backend that runs ``call``: "auto" picks the fastest exact one; a named backend must exist and
+    support the call (BackendNotSupported lists why not)."""
+    if backend == "auto":
+        return _choose(call)[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+    reasons = BACKENDS[backend].not_supported_reasons(call)
+    if reasons:
+        raise BackendNotSupported(f"Attention backend {backend!r} cannot serve these inputs: " + "; ".join(reasons))
+    return backend
+
+
+def run_call(call: AttentionCall, backend: str, skip_output_reshape: bool = False) -> torch.Tensor:
+    """Run a prepared call on a backend that supports it: (B, N, H*Dv), or (B, H, N, Dv) with skip_output_reshape."""
+    out = BACKENDS[backend].forward(call)
+    return out if skip_output_reshape else merge_heads(out)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None,
               attn_precision=None, *, backend: str = "auto", layernorm: bool = False, scale: Optional[float] = None,
               skip_reshape: bool = False, skip_output_reshape: bool = False, is_causal: bool = False,
@@ -98,25 +121,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mas
     ``attn_precision`` and other ComfyUI keywords (``transformer_options``, ...) are accepted and
     ignored: every backend accumulates the softmax in fp32.
     """
-    call = _prepare(q, k, v, heads, mask, scale, skip_reshape, layernorm, is_causal, enable_gqa)
-    if backend == "auto":
-        name, _ = _choose(call)
-    else:
-        name = backend
-        if name not in BACKENDS:
-            raise ValueError(f"Unknown attention backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
-        reasons = BACKENDS[name].not_supported_reasons(call)
-        if reasons:
-            raise BackendNotSupported(f"Attention backend {name!r} cannot serve these inputs: " + "; ".join(reasons))
-    out = BACKENDS[name].forward(call)
-    return out if skip_output_reshape else merge_heads(out)
+    call = prepare_call(q, k, v, heads, mask, layernorm=layernorm, scale=scale, skip_reshape=skip_reshape,
+                        is_causal=is_causal, enable_gqa=enable_gqa)
+    return run_call(call, select_backend(call, backend), skip_output_reshape)
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None, *,
             layernorm: bool = False, scale: Optional[float] = None, skip_reshape: bool = False,
             is_causal: bool = False, enable_gqa: bool = False) -> Explanation:
     """Which backend ``attention(..., backend="auto")`` picks for these inputs, and why not the others."""
-    call = _prepare(q, k, v, heads, mask, scale, skip_reshape, layernorm, is_causal, enable_gqa)
+    call = prepare_call(q, k, v, heads, mask, layernorm=layernorm, scale=scale, skip_reshape=skip_reshape,
+                        is_causal=is_causal, enable_gqa=enable_gqa)
     return Explanation(*_choose(call))
 
 
@@ -126,7 +141,8 @@ def why_not(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hea
     """Every reason ``backend`` cannot serve these inputs (an empty list when it can)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
-    call = _prepare(q, k, v, heads, mask, scale, skip_reshape, layernorm, is_causal, enable_gqa)
+    call = prepare_call(q, k, v, heads, mask, layernorm=layernorm, scale=scale, skip_reshape=skip_reshape,
+                        is_causal=is_causal, enable_gqa=enable_gqa)
     return BACKENDS[backend].not_supported_reasons(call)
 
 

@@ -12,11 +12,12 @@ as boolean (non-zero = may attend); float masks in another dtype than q's are co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, TypeVar, Union
 
 import torch
 
+T = TypeVar("T")
 MASK_FORMS = ("2-D (N, M), 3-D (B or 1, N or 1, M), 4-D (B or 1, H or 1, N or 1, M), "
               "or a RegionMask with labels (B or 1, N) and (B or 1, M)")
 
@@ -32,6 +33,15 @@ class RegionMask:
 
     query_labels: torch.Tensor
     key_labels: torch.Tensor
+    _derived: Dict[object, object] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, key, compute: Callable[[], T]) -> T:
+        """``compute()``, once per mask object and ``key``: what backends derive from the labels (token groups,
+        block tables) needs device syncs, so a RegionMask reused across calls (the node keeps one per layer
+        layout) pays for it once."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     def __post_init__(self):
         for name, labels in (("query_labels", self.query_labels), ("key_labels", self.key_labels)):
@@ -125,7 +135,8 @@ def normalize_mask(mask: MaskLike, batch: int, heads: int, n: int, m: int, dtype
             if region is not None:
                 raise ValueError("At most one RegionMask per attention call; merge the labels into one")
             part.check(batch, n, m)
-            region = RegionMask(part.query_labels.to(device), part.key_labels.to(device))
+            on_device = part.query_labels.device == device and part.key_labels.device == device
+            region = part if on_device else RegionMask(part.query_labels.to(device), part.key_labels.to(device))
         elif isinstance(part, torch.Tensor):
             dense = _combine_dense(dense, _dense_to_4d(part.to(device), batch, heads, n, m, dtype))
         else:

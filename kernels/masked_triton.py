@@ -121,7 +121,8 @@ def region_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
         label_strides = (0, 0, 0, 0, 0, 0, 0)
     else:
         query_labels, key_labels = region.query_labels.long(), region.key_labels.long()
-        key_blocks, counts = visible_key_blocks(query_labels, key_labels, launch.block_n, launch.block_m)
+        key_blocks, counts = region.derived(("key_blocks", launch.block_n, launch.block_m), lambda: visible_key_blocks(
+            query_labels, key_labels, launch.block_n, launch.block_m))
         table_batch = key_blocks.shape[0] > 1
         label_strides = (*_label_strides(query_labels), *_label_strides(key_labels),
                          key_blocks.stride(0) if table_batch else 0, key_blocks.stride(1),

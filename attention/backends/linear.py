@@ -108,7 +108,7 @@ def _region_linear(q, k, v, region: RegionMask, key_bias, scale):
     query_labels = region.query_labels[:, :, None, None]  # (B|1, N, 1, 1)
     key_labels = region.key_labels[:, :, None, None]  # (B|1, M, 1, 1)
     out = None
-    for label in torch.unique(region.query_labels).tolist():
+    for label in region.derived("query_label_values", lambda: torch.unique(region.query_labels).tolist()):
         bias = key_bias
         if label != -1:
             outside = torch.zeros(key_labels.shape, device=k.device).masked_fill(

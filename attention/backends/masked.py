@@ -23,17 +23,21 @@ def query_chunk_size(mask_rows_per_query: int, n: int, m: int) -> int:
     return max(1, min(n, CHUNK_MASK_BYTES // (4 * max(1, mask_rows_per_query * m))))
 
 
-def _region_attention(q, k, v, region: RegionMask, scale, out) -> None:
-    """Fill out (B, H, N, Dv) for a region mask by grouping tokens per label."""
+def _label_groups(region: RegionMask, batch: int):
+    """[(batch rows, [(query indices or None for all, key indices or None for all)])] per labelling.
+
+    Query i may attend key j when their labels match or either is -1; queries labelled -1 see every key.
+    An empty key index tensor means the group's queries may attend nothing (they give zeros).
+    """
     query_labels, key_labels = region.query_labels, region.key_labels
     if query_labels.shape[0] == 1 and key_labels.shape[0] == 1:
-        groups = [(slice(None), query_labels[0], key_labels[0])]  # one labelling for the whole batch
+        rows = [(slice(None), query_labels[0], key_labels[0])]  # one labelling for the whole batch
     else:
-        groups = [(slice(i, i + 1), query_labels[min(i, query_labels.shape[0] - 1)],
-                   key_labels[min(i, key_labels.shape[0] - 1)]) for i in range(q.shape[0])]
-    n = q.shape[2]
-    for rows, labels_q, labels_k in groups:
-        qb, kb, vb = q[rows], k[rows], v[rows]
+        rows = [(slice(i, i + 1), query_labels[min(i, query_labels.shape[0] - 1)],
+                 key_labels[min(i, key_labels.shape[0] - 1)]) for i in range(batch)]
+    groups = []
+    for row, labels_q, labels_k in rows:
+        row_groups = []
         for label in torch.unique(labels_q).tolist():
             queries = (labels_q == label).nonzero().squeeze(1)
             keys = None  # None = every key ("everywhere" queries, or every key allowed)
@@ -41,14 +45,23 @@ def _region_attention(q, k, v, region: RegionMask, scale, out) -> None:
                 key_allowed = (labels_k == label) | (labels_k == -1)
                 if not bool(key_allowed.all()):
                     keys = key_allowed.nonzero().squeeze(1)
-            all_queries = queries.numel() == n
+            row_groups.append((None if queries.numel() == labels_q.numel() else queries, keys))
+        groups.append((row, row_groups))
+    return groups
+
+
+def _region_attention(q, k, v, region: RegionMask, scale, out) -> None:
+    """Fill out (B, H, N, Dv) for a region mask by grouping tokens per label."""
+    for rows, row_groups in region.derived(("groups", q.shape[0]), lambda: _label_groups(region, q.shape[0])):
+        qb, kb, vb = q[rows], k[rows], v[rows]
+        for queries, keys in row_groups:
             if keys is not None and keys.numel() == 0:
                 result = 0.0
             else:
-                result = sdpa_dense(qb if all_queries else qb.index_select(2, queries),
+                result = sdpa_dense(qb if queries is None else qb.index_select(2, queries),
                                     kb if keys is None else kb.index_select(2, keys),
                                     vb if keys is None else vb.index_select(2, keys), None, scale)
-            if all_queries:
+            if queries is None:
                 out[rows] = result
             else:
                 out[rows, :, queries] = result
