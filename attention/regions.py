@@ -45,14 +45,15 @@ def _halvings(height: int, width: int):
 
 
 def find_token_layout(latent_shape: Sequence[int], tokens: int, patch_size: Optional[int] = None,
-                      text_first: Optional[bool] = None, text_tokens: Optional[int] = None) -> Optional[TokenLayout]:
+                      text_first: Optional[bool] = None, text_tokens: Optional[int] = None,
+                      temporal_patch: int = 1) -> Optional[TokenLayout]:
     """The layout of a ``tokens``-long sequence made from a latent of ``latent_shape``, or None if none fits.
 
     latent_shape: (B, C, H, W) or (B, C, T, H, W). Without ``patch_size`` (a UNet) the image grid is the
     latent downsampled 1, 2, 4, ... times and must account for every token. With ``patch_size`` (a DiT)
-    the grid is ceil(H/p) x ceil(W/p) per frame; other tokens are allowed only for joint attention
-    (``text_first`` not None): text first puts ``text_tokens`` (default: all others) before the image and
-    any remaining tokens (e.g. reference images) after it; text last puts all others after the image.
+    the grid is ceil(T/temporal_patch) x ceil(H/p) x ceil(W/p); other tokens are allowed only for joint
+    attention (``text_first`` not None): text first puts ``text_tokens`` (default: all others) before the
+    image and any remaining tokens (e.g. reference images) after it; text last puts all others after it.
     """
     if len(latent_shape) not in (4, 5):
         return None
@@ -63,14 +64,15 @@ def find_token_layout(latent_shape: Sequence[int], tokens: int, patch_size: Opti
             if frames * h * w == tokens:
                 return TokenLayout(frames, h, w)
         return None
-    grid = TokenLayout(frames, math.ceil(height / patch_size), math.ceil(width / patch_size))
+    grid = TokenLayout(math.ceil(frames / temporal_patch), math.ceil(height / patch_size),
+                       math.ceil(width / patch_size))
     others = tokens - grid.image_tokens
     if others < 0 or (others > 0 and text_first is None):
         return None
     before = (others if text_tokens is None else text_tokens) if text_first else 0
     if before > others:
         return None
-    return TokenLayout(frames, grid.height, grid.width, before, others - before)
+    return TokenLayout(grid.frames, grid.height, grid.width, before, others - before)
 
 
 def inside_mask(mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -118,12 +120,28 @@ def _match_batch(labels: torch.Tensor, attention_batch: int, latent_batch: int) 
     return labels[index]
 
 
+QUERY_PLACES_NEEDED = "isolate regions"  # the one mode whose query labels depend on where each query is
+
+
 def region_mask_for_layout(mask: torch.Tensor, mode: str, layout: TokenLayout, attention_batch: int,
-                           latent_batch: int) -> Optional[RegionMask]:
-    """The RegionMask of ``mode`` for one self/joint attention call, or None when it would allow everything."""
-    query_labels, key_labels = labels_for_mode(inside_mask(mask, layout), mode)
+                           latent_batch: int, *, key_layout: Optional[TokenLayout] = None,
+                           query_tokens: Optional[int] = None) -> Optional[RegionMask]:
+    """The RegionMask of ``mode`` for one self/joint attention call, or None when it would allow everything.
+
+    ``layout``: where the queries' image tokens are; ``key_layout`` (default: the same): the keys', when
+    they differ around the same image grid (Stable Cascade appends text tokens to the keys only).
+    ``layout`` None with ``query_tokens``: queries whose places are unknown (merged by ToMe); only modes
+    that give every query the same label can serve them (ValueError for "isolate regions").
+    """
+    key_layout = key_layout or layout
+    query_labels, key_labels = labels_for_mode(inside_mask(mask, key_layout), mode)
     if torch.unique(torch.cat([query_labels, key_labels], dim=1)).numel() == 1:
         return None  # one label everywhere: every query may attend every key
-    query_labels = _match_batch(_with_other_tokens(query_labels, layout), attention_batch, latent_batch)
-    key_labels = _match_batch(_with_other_tokens(key_labels, layout), attention_batch, latent_batch)
-    return RegionMask(query_labels, key_labels)
+    if layout is not None:
+        query_labels = _with_other_tokens(query_labels, layout)
+    elif mode == QUERY_PLACES_NEEDED:
+        raise ValueError(f"mask mode {mode!r} needs to know where each query token is")
+    else:
+        query_labels = query_labels[:, :1].expand(-1, query_tokens)
+    return RegionMask(_match_batch(query_labels, attention_batch, latent_batch),
+                      _match_batch(_with_other_tokens(key_labels, key_layout), attention_batch, latent_batch))

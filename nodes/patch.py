@@ -1,15 +1,18 @@
 """Install the pack's attention on a clone of a ComfyUI model.
 
 Two mechanisms, chosen by feature detection:
-- today's ComfyUI (``comfy.ldm.modules.attention.wrap_attn`` exists): an
-  ``optimized_attention_override`` in the clone's transformer_options. It sees every attention call of
-  UNets and DiTs with the original function, and chains to an override installed before it.
+- today's ComfyUI (``comfy.ldm.modules.attention.wrap_attn`` exists): an ``optimized_attention_override``
+  in the clone's transformer_options. It sees every attention call of UNets and DiTs that passes
+  transformer_options, with the original function, and passes the calls it declines on to the override
+  installed before it, or to that original function.
 - older ComfyUI: ``attn1``/``attn2`` replace patches on every transformer block of a UNet.
 
-A model-function wrapper records, once per model call, the current sigma and the latent's shape in
-transformer_options, so each attention call can tell whether it is inside the schedule window and
-where its image tokens are. Everything ComfyUI is imported inside functions: importing this module
-needs no ComfyUI.
+Once per model call, a wrapper around the model (ComfyUI's keyed APPLY_MODEL wrapper where it exists, the
+single-slot model-function wrapper, chained, where not) decides what every attention call of that model
+call reads: whether it is inside the schedule window, the latent's shape and the text lengths. The
+per-call path only reads those decisions: it converts no tensor to a Python number, so it neither
+synchronises the device nor breaks a compiled graph. Everything ComfyUI is imported inside functions:
+importing this module needs no ComfyUI.
 """
 from __future__ import annotations
 
@@ -19,41 +22,16 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ..attention import BACKENDS, RegionMask, allows_everything, attention, explain
-from ..attention.regions import MASK_MODES, find_token_layout, region_mask_for_layout
+from ..attention import BACKENDS, BackendNotSupported, RegionMask, prepare_call, run_call, select_backend
+from ..attention.regions import MASK_MODES, QUERY_PLACES_NEEDED, TokenLayout, region_mask_for_layout
+from .comfy_call import ComfyAttentionCall, read_call
+from .families import ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family
 
 logger = logging.getLogger("efficient_attention_pop")
 
-STATE_KEY = "efficient_attention_pop"  # transformer_options entry written by the model-function wrapper
+NODE_NAME = "Efficient Attention (PoP)"
+WRAPPER_KEY = "efficient_attention_pop"  # key of the pack's APPLY_MODEL wrappers
 APPLY_TO = ("both", "self-attention", "cross-attention")
-
-# Joint-attention DiTs: class name of the diffusion model -> whether text tokens come before the image.
-# (Read from each model's forward in ComfyUI: Flux/Chroma/SD3/Qwen-Image concatenate [text, image],
-# HunyuanVideo [image, text].)
-JOINT_TEXT_FIRST = {
-    "Flux": True, "Chroma": True, "OpenAISignatureMMDITWrapper": True, "QwenImageTransformer2DModel": True,
-    "HunyuanVideo": False,
-}
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """What the patch needs to know about a diffusion model's token layout."""
-
-    name: str
-    is_unet: bool
-    patch_size: Optional[int] = None  # spatial patch of a DiT
-    text_first: Optional[bool] = None  # joint attention order; None: no joint attention
-
-
-def model_family(diffusion_model) -> ModelFamily:
-    name = type(diffusion_model).__name__
-    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
-        return ModelFamily(name, is_unet=True)
-    patch = getattr(diffusion_model, "patch_size", None)
-    if isinstance(patch, (list, tuple)):
-        patch = patch[-1]
-    return ModelFamily(name, False, patch if isinstance(patch, int) else None, JOINT_TEXT_FIRST.get(name))
 
 
 @dataclass(frozen=True)
@@ -85,147 +63,98 @@ class PatchSettings:
             raise ValueError(f"heads and min_tokens must be >= 0 and strength in [0, 1]; got heads={self.heads}, "
                              f"min_tokens={self.min_tokens}, strength={self.strength}")
 
+    @property
+    def full_window(self) -> bool:
+        return self.sigma_start == float("inf") and self.sigma_end <= 0.0
+
+
+class ChainedOverride:
+    """The function installed as ``optimized_attention_override``: the patch, with the override it passes
+    declined calls to (None: ComfyUI's own function). ComfyUI deep-copies model options on every clone;
+    this object is immutable, so copies share it."""
+
+    def __init__(self, patch: "AttentionPatch", previous: Optional[Callable]):
+        self.patch = patch
+        self.previous = previous
+
+    def __call__(self, func, *args, **kwargs):
+        return self.patch.override(self.previous, func, args, kwargs)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def reaches(self, patch: "AttentionPatch") -> bool:
+        """True when ``patch`` is this override or one it passes calls on to."""
+        override = self
+        while isinstance(override, ChainedOverride):
+            if override.patch is patch:
+                return True
+            override = override.previous
+        return False
+
 
 class AttentionPatch:
-    """The attention the patched model runs: an override for today's ComfyUI, replace patches for older.
+    """The attention a patched model runs, for one node's settings. ComfyUI deep-copies model options on
+    every clone; this object is configuration plus logging state, so copies share it."""
 
-    One instance per patched model. ComfyUI deep-copies model_options on every clone; this object is
-    immutable configuration plus caches, so copies share it.
-    """
-
-    def __init__(self, settings: PatchSettings, family: ModelFamily, previous_override: Optional[Callable] = None):
+    def __init__(self, settings: PatchSettings, family: ModelFamily, uses_override: bool):
         self.settings = settings
         self.family = family
-        self.previous_override = previous_override
-        self._regions: Dict[tuple, object] = {}
+        self.uses_override = uses_override  # False: attn1/attn2 replace patches (ComfyUI before the override)
+        self.state_key = f"{WRAPPER_KEY}.{id(self):x}"  # transformer_options entry holding this patch's ModelCall
+        self._regions: Dict[tuple, Optional[RegionMask]] = {}
         self._logged = set()
 
     def __deepcopy__(self, memo):
         return self
 
-    # ---- decisions ----
-    def active(self, transformer_options: dict) -> bool:
-        """Inside the start/end window of the schedule (always, when no sigma is known)."""
-        sigma = _current_sigma(transformer_options)
-        return sigma is None or self.settings.sigma_end <= sigma <= self.settings.sigma_start
-
-    def serves(self, is_self_attention: bool) -> bool:
-        apply_to = self.settings.apply_to
-        return apply_to == "both" or (apply_to == "self-attention") == is_self_attention
-
-    # ---- the attention itself ----
-    def run(self, q, k, v, heads: int, comfy_mask=None, *, is_self_attention: bool, transformer_options: dict,
-            skip_reshape: bool = False, skip_output_reshape: bool = False, scale=None, enable_gqa: bool = False):
-        """Our attention for one call, in ComfyUI's layout conventions."""
+    # ---- once per model call ----
+    def begin_model_call(self, latent: torch.Tensor, sigmas, context, extra_conds: dict) -> ModelCall:
+        """Decide what every attention call of one model call reads (the only place a tensor becomes a number)."""
         settings = self.settings
-        n_queries = q.shape[2] if skip_reshape else q.shape[1]
-        backend = settings.backend if n_queries >= settings.min_tokens else "auto"
-        masks = []
-        if comfy_mask is not None and not allows_everything(comfy_mask):
-            masks.append(comfy_mask)
-        if settings.mask is not None and is_self_attention:
-            region = self._region(n_queries, q.shape[0], q.device, transformer_options)
-            if region is not None:
-                masks.append(region)
-        heads_used = settings.heads or heads
-        regroup = heads_used != heads  # the user's own split of the same channels into heads
-        if regroup and skip_reshape:
-            q, k, v = (t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in (q, k, v))
-        kwargs = dict(layernorm=settings.layernorm, scale=scale, enable_gqa=enable_gqa,
-                      skip_reshape=skip_reshape and not regroup,
-                      skip_output_reshape=skip_output_reshape and not regroup)
-        out = attention(q, k, v, heads_used, masks or None, backend=backend, **kwargs)
-        self._log_first_use(backend, q, k, v, heads_used, masks, kwargs)
-        if backend != "auto" and not BACKENDS[backend].exact and settings.strength < 1.0:
-            exact = attention(q, k, v, heads_used, masks or None, backend="auto", **kwargs)
-            out = torch.lerp(exact, out, settings.strength)
-        if regroup and skip_output_reshape:  # back to the caller's heads: (B, N, C) -> (B, H, N, C/H)
-            b, n, c = out.shape
-            out = out.view(b, n, heads, c // heads).transpose(1, 2)
+        active = True
+        if not settings.full_window and isinstance(sigmas, torch.Tensor) and sigmas.numel():
+            sigma = float(sigmas.flatten()[0])
+            active = settings.sigma_end <= sigma <= settings.sigma_start
+        text_tokens = context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
+        context_tokens = {text_tokens} if text_tokens is not None else set()
+        for keyword in self.family.context_keywords:
+            extra = extra_conds.get(keyword)
+            if isinstance(extra, torch.Tensor) and extra.ndim >= 2:
+                context_tokens.add(extra.shape[-2])
+        return ModelCall(tuple(latent.shape), frozenset(context_tokens), text_tokens, active)
+
+    def end_model_call(self, model_call: ModelCall) -> None:
+        if not model_call.reached:
+            self._warn_once("unreached", f"{NODE_NAME}: this {self.family.name} model made no attention call "
+                            "through ComfyUI's attention override, so the node has no effect on it (families such "
+                            "as Hunyuan-DiT and PixArt call attention without it; see the README)")
+
+    def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        """ComfyUI's keyed APPLY_MODEL wrapper: the ModelCall, and this patch re-installed in front of an
+        override that a node placed after this one put in its place."""
+        options = dict(transformer_options)
+        model_call = self.begin_model_call(x, options.get("sigmas", t), c_crossattn, kwargs)
+        options[self.state_key] = model_call
+        current = options.get("optimized_attention_override")
+        if self.uses_override and not (isinstance(current, ChainedOverride) and current.reaches(self)):
+            self._log_once("reinstalled", f"{NODE_NAME}: another attention override was installed after this node "
+                           f"({getattr(current, '__qualname__', type(current).__name__)}); this node puts itself in "
+                           "front of it for each model call and passes the calls it does not serve to it")
+            options["optimized_attention_override"] = ChainedOverride(self, current)
+        out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        self.end_model_call(model_call)
         return out
 
-    def _region(self, tokens: int, batch: int, device, transformer_options: dict):
-        state = transformer_options.get(STATE_KEY) or {}
-        latent_shape = state.get("latent_shape") or transformer_options.get("original_shape")
-        if latent_shape is None:
-            self._warn_once("no-latent", "Efficient Attention (PoP): the latent size is unknown in this call, so the "
-                            "mask is not applied (was the model called outside a ComfyUI sampler?)")
-            return None
-        family = self.family
-        layout = find_token_layout(latent_shape, tokens, family.patch_size, family.text_first, state.get("text_tokens"))
-        if layout is None:
-            self._warn_once(("layout", tokens), f"Efficient Attention (PoP): cannot place {tokens} tokens of a "
-                            f"{family.name} attention call on the latent {tuple(latent_shape)}; the mask is not "
-                            "applied to such calls")
-            return None
-        chunks = max(1, len(transformer_options.get("cond_or_uncond") or [0]))
-        latent_batch = max(1, latent_shape[0] // chunks)
-        key = (layout, batch, latent_batch, str(device))
-        if key not in self._regions:
-            region = region_mask_for_layout(self.settings.mask, self.settings.mask_mode, layout, batch, latent_batch)
-            if region is not None:  # labels live on the compute device, once per layout
-                region = RegionMask(region.query_labels.to(device), region.key_labels.to(device))
-            self._regions[key] = region
-        return self._regions[key]
-
-    def _log_first_use(self, backend, q, k, v, heads, masks, kwargs):
-        if backend in self._logged:
-            return
-        self._logged.add(backend)
-        if backend == "auto":
-            choice = explain(q, k, v, heads, masks or None, layernorm=kwargs["layernorm"],
-                             skip_reshape=kwargs["skip_reshape"], enable_gqa=kwargs["enable_gqa"]).chosen
-            logger.info("Efficient Attention (PoP): exact calls run on backend %s (auto)", choice)
-        else:
-            logger.info("Efficient Attention (PoP): running backend %s", backend)
-
-    def _warn_once(self, key, message):
-        if key not in self._logged:
-            self._logged.add(key)
-            logger.warning(message)
-
-    # ---- today's ComfyUI: optimized_attention_override ----
-    def override(self, func, *args, **kwargs):
-        """Called by ComfyUI's wrap_attn as override(func, q, k, v, heads, [mask], **kwargs)."""
-        q, k, v, heads = args[:4]
-        comfy_mask = args[4] if len(args) > 4 else kwargs.get("mask")
-        skip_reshape = kwargs.get("skip_reshape", False)
-        transformer_options = kwargs.get("transformer_options") or {}
-        token_axis = 2 if skip_reshape else 1
-        is_self_attention = q.shape[token_axis] == k.shape[token_axis]
-        if not (self.serves(is_self_attention) and self.active(transformer_options)):
-            if self.previous_override is not None:
-                return self.previous_override(func, *args, **kwargs)
-            return func(*args, **kwargs)
-        return self.run(q, k, v, heads, comfy_mask, is_self_attention=is_self_attention,
-                        transformer_options=transformer_options, skip_reshape=skip_reshape,
-                        skip_output_reshape=kwargs.get("skip_output_reshape", False), scale=kwargs.get("scale"),
-                        enable_gqa=bool(kwargs.get("enable_gqa", False)))
-
-    # ---- older ComfyUI: attn1 / attn2 replace patches ----
-    def replace_patch(self, is_self_attention: bool) -> Callable:
-        """A replace patch fn(q, k, v, extra_options) -> (B, N, heads*dim_head) for attn1 or attn2."""
-
-        def patch(q, k, v, extra_options):
-            heads = extra_options["n_heads"]
-            if not self.active(extra_options):
-                from comfy.ldm.modules.attention import optimized_attention
-                return optimized_attention(q, k, v, heads)
-            return self.run(q, k, v, heads, is_self_attention=is_self_attention, transformer_options=extra_options)
-
-        return patch
-
-    # ---- model function wrapper: sigma and latent shape, once per model call ----
     def model_function_wrapper(self, previous: Optional[Callable]) -> Callable:
+        """The single-slot model-function wrapper (ComfyUI before keyed wrappers), chained to ``previous``."""
+
         def wrapper(apply_model, args):
             c = dict(args["c"])
-            transformer_options = dict(c.get("transformer_options") or {})
-            context = c.get("c_crossattn")
-            transformer_options[STATE_KEY] = {
-                "latent_shape": tuple(args["input"].shape),
-                "text_tokens": context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None,
-            }
-            c["transformer_options"] = transformer_options
+            options = dict(c.get("transformer_options") or {})
+            options[self.state_key] = self.begin_model_call(args["input"], options.get("sigmas", args["timestep"]),
+                                                            c.get("c_crossattn"), c)
+            c["transformer_options"] = options
             args = dict(args, c=c)
             if previous is not None:
                 return previous(apply_model, args)
@@ -233,12 +162,201 @@ class AttentionPatch:
 
         return wrapper
 
+    # ---- today's ComfyUI: optimized_attention_override ----
+    def override(self, previous: Optional[Callable], func, args: tuple, kwargs: dict):
+        """One attention call: served, or passed on to ``previous`` (or ComfyUI's ``func``) unchanged."""
+        call = read_call(args, kwargs)
+        model_call = call.transformer_options.get(self.state_key) if call is not None else None
+        if model_call is not None:
+            model_call.reached = True
+        reason = self._decline_reason(call, model_call)
+        if reason is None:
+            is_self = self._is_self_attention(call, model_call)
+            if self.serves(is_self):
+                out = self.run(call, is_self, model_call)
+                if out is not None:
+                    return out
+        elif reason:
+            self._log_once(("declined", reason), f"{NODE_NAME}: {reason}; such calls are passed on unchanged")
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
 
-def _current_sigma(transformer_options: dict) -> Optional[float]:
-    sigmas = transformer_options.get("sigmas")
-    if sigmas is None:
+    def _decline_reason(self, call: Optional[ComfyAttentionCall], model_call: Optional[ModelCall]) -> Optional[str]:
+        """Why this call is passed on ("": silently, outside the schedule window), or None to serve it."""
+        if call is None:
+            return "an attention call with arguments this pack cannot read"
+        if model_call is not None:
+            active = model_call.active
+        else:
+            active = self.settings.full_window or self._active_without_model_call(call.transformer_options)
+        if not active:
+            return ""
+        if call.q.shape[0] != call.k.shape[0]:
+            return (f"q's batch ({call.q.shape[0]}) differs from k's ({call.k.shape[0]}), as after HyperTile's "
+                    "query tiling")
         return None
-    return float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) else float(sigmas[0])
+
+    def _active_without_model_call(self, transformer_options: dict) -> bool:
+        """The schedule check for a model called outside ComfyUI's apply_model (no ModelCall): per call."""
+        sigmas = transformer_options.get("sigmas")
+        if not isinstance(sigmas, torch.Tensor) or not sigmas.numel():
+            return True
+        return self.settings.sigma_end <= float(sigmas.flatten()[0]) <= self.settings.sigma_start
+
+    def _is_self_attention(self, call: ComfyAttentionCall, model_call: Optional[ModelCall]) -> bool:
+        activations = call.transformer_options.get("activations_shape")
+        image_tokens = activations[-2] * activations[-1] if activations is not None and len(activations) == 4 else None
+        if image_tokens is None and model_call is not None and not self.family.is_unet:
+            grid = call_layout(self.family, call.key_tokens, model_call)
+            image_tokens = call.key_tokens if grid is not None else None
+        return is_self_attention(self.family, call.query_tokens, call.key_tokens, image_tokens, model_call)
+
+    def serves(self, is_self_attention: bool) -> bool:
+        apply_to = self.settings.apply_to
+        return apply_to == "both" or (apply_to == "self-attention") == is_self_attention
+
+    # ---- the attention itself ----
+    def run(self, call: ComfyAttentionCall, is_self_attention: bool, model_call: Optional[ModelCall]):
+        """Our attention for one served call, in the caller's layout; None when the pack cannot serve it."""
+        settings = self.settings
+        masks = [call.mask] if call.mask is not None else []
+        if settings.mask is not None and is_self_attention:
+            region = self._region(call, model_call)
+            if region is not None:
+                masks.append(region)
+        heads = settings.heads or call.heads
+        q, k, v = call.q, call.k, call.v
+        regroup = heads != call.heads  # the user's own split of the same channels into heads
+        if regroup:
+            if call.channels % heads:
+                raise ValueError(heads_mismatch_message(heads, [call.channels], call))
+            if call.skip_reshape:
+                q, k, v = (t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in (q, k, v))
+        try:
+            prepared = prepare_call(q, k, v, heads, masks or None, layernorm=settings.layernorm, scale=call.scale,
+                                    skip_reshape=call.skip_reshape and not regroup, enable_gqa=call.enable_gqa)
+        except ValueError as error:
+            self._log_once(("unreadable", str(error)), f"{NODE_NAME}: cannot serve a call ({error}); such calls are "
+                           "passed on unchanged")
+            return None
+        name = self._backend_for(call, prepared)
+        skip_output_reshape = call.skip_output_reshape and not regroup
+        out = run_call(prepared, name, skip_output_reshape)
+        if not BACKENDS[name].exact and settings.strength < 1.0:
+            out = torch.lerp(run_call(prepared, select_backend(prepared), skip_output_reshape), out, settings.strength)
+        if regroup and call.skip_output_reshape:  # back to the caller's heads: (B, N, C) -> (B, H, N, C/H)
+            b, n, c = out.shape
+            out = out.view(b, n, call.heads, c // call.heads).transpose(1, 2)
+        return out
+
+    def _backend_for(self, call: ComfyAttentionCall, prepared) -> str:
+        """The chosen backend where it may and can serve the call; else the fastest exact one (auto)."""
+        settings = self.settings
+        chosen = settings.backend
+        if chosen != "auto" and call.query_tokens < settings.min_tokens:
+            chosen = "auto"
+        if chosen != "auto" and not BACKENDS[chosen].exact and not call.low_precision_allowed:
+            self._log_once("full-precision", f"{NODE_NAME}: calls that ask for full-precision attention "
+                           f"(low_precision_attention=False) run exact instead of {chosen}")
+            chosen = "auto"
+        if chosen != "auto":
+            try:
+                name = select_backend(prepared, chosen)
+                self._log_once(("backend", name), f"{NODE_NAME}: running backend {name}")
+                return name
+            except BackendNotSupported as error:
+                self._log_once(("unsupported", chosen), f"{NODE_NAME}: {error}; those calls run exact (auto)")
+        name = select_backend(prepared)
+        self._log_once(("auto", name), f"{NODE_NAME}: exact calls run on backend {name} (auto)")
+        return name
+
+    def _region(self, call: ComfyAttentionCall, model_call: Optional[ModelCall]) -> Optional[RegionMask]:
+        family = self.family
+        if family.mask_unsupported:
+            self._warn_once("mask-family", f"{NODE_NAME}: the mask is not applied to {family.name}: "
+                            f"{family.mask_unsupported}")
+            return None
+        if model_call is None:
+            self._warn_once("no-latent", f"{NODE_NAME}: the latent size is unknown in this call, so the mask is not "
+                            "applied (was the model called outside a ComfyUI sampler?)")
+            return None
+        activations = call.transformer_options.get("activations_shape")
+        n, m = call.query_tokens, call.key_tokens
+        key_layout = call_layout(family, m, model_call, activations)
+        query_layout = key_layout if n == m else call_layout(family, n, model_call, activations)
+        if family.keys_append_text and query_layout is not None and m > n:
+            key_layout = replace(query_layout, after=query_layout.after + m - n)
+        if key_layout is None:
+            self._warn_once(("layout", n, m), f"{NODE_NAME}: cannot place the {m} key tokens of a {family.name} "
+                            f"attention call on the latent {model_call.latent_shape}; the mask is not applied to "
+                            "such calls")
+            return None
+        if query_layout is None and self.settings.mask_mode == QUERY_PLACES_NEEDED:
+            self._warn_once(("query-places", n), f"{NODE_NAME}: {n} of {m} query tokens in a self-attention call "
+                            "(merged, e.g. by ToMe): 'isolate regions' needs each query's place, so the mask is "
+                            "not applied to such calls")
+            return None
+        batch = call.q.shape[0]
+        chunks = max(1, len(call.transformer_options.get("cond_or_uncond") or [0]))
+        latent_batch = max(1, model_call.latent_shape[0] // chunks)
+        key = (query_layout, key_layout, n, batch, latent_batch, str(call.q.device))
+        if key not in self._regions:
+            region = region_mask_for_layout(self.settings.mask, self.settings.mask_mode, query_layout, batch,
+                                            latent_batch, key_layout=key_layout, query_tokens=n)
+            if region is not None:  # labels live on the compute device, once per layout
+                region = RegionMask(region.query_labels.to(call.q.device), region.key_labels.to(call.q.device))
+            self._regions[key] = region
+        return self._regions[key]
+
+    def _log_once(self, key, message, level=logging.INFO):
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.log(level, message)
+
+    def _warn_once(self, key, message):
+        self._log_once(key, message, logging.WARNING)
+
+    # ---- older ComfyUI: attn1 / attn2 replace patches ----
+    def replace_patch(self, is_self_attention: bool) -> Callable:
+        """A replace patch fn(q, k, v, extra_options) -> (B, N, heads*dim_head) for attn1 or attn2."""
+
+        def patch(q, k, v, extra_options):
+            heads = extra_options["n_heads"]
+            call = ComfyAttentionCall(q, k, v, heads, None, False, False, None, False, True, extra_options)
+            model_call = extra_options.get(self.state_key)
+            if model_call is not None:
+                model_call.reached = True
+            out = None
+            if self._decline_reason(call, model_call) is None:
+                out = self.run(call, is_self_attention, model_call)
+            if out is None:
+                from comfy.ldm.modules.attention import optimized_attention
+                out = optimized_attention(q, k, v, heads)
+            return out
+
+        return patch
+
+
+def heads_mismatch_message(heads: int, widths, call: Optional[ComfyAttentionCall] = None) -> str:
+    """The error for a ``heads`` choice that does not divide the attention widths, starting with the words
+    users search for."""
+    widths = sorted(set(widths))
+    common = widths[0]
+    for width in widths[1:]:
+        common = _gcd(common, width)
+    divisors = [d for d in range(1, common + 1) if common % d == 0]
+    shown = ", ".join(str(d) for d in divisors[:10]) + (", ..." if len(divisors) > 10 else "")
+    where = (f"this attention layer's {widths[0]} channels (q {tuple(call.q.shape)}, k {tuple(call.k.shape)})"
+             if call is not None else f"this model's attention widths ({', '.join(map(str, widths))} channels)")
+    return (f"Mismatch in tensor dimensions: {NODE_NAME} heads={heads} does not divide {where}; use 0 (the "
+            f"model's own heads) or a divisor of {common} such as {shown}")
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
 
 
 def unet_transformer_blocks(diffusion_model):
@@ -255,43 +373,66 @@ def unet_transformer_blocks(diffusion_model):
     return found
 
 
+def check_choices(settings: PatchSettings, diffusion_model) -> None:
+    """Refuse, before sampling starts, a choice that cannot work with this model on this machine."""
+    if settings.backend != "auto":
+        unavailable = BACKENDS[settings.backend].unavailable_reason()
+        if unavailable:
+            usable = ["auto"] + [name for name, backend in BACKENDS.items() if backend.unavailable_reason() is None]
+            raise ValueError(f"{NODE_NAME}: backend {settings.backend!r} is not available on this machine "
+                             f"({unavailable}); choose one of {', '.join(usable)}")
+    if settings.heads:
+        widths = attention_widths(diffusion_model)
+        if any(width % settings.heads for width in widths):
+            raise ValueError(heads_mismatch_message(settings.heads, widths))
+
+
 def patch_model(model, settings: PatchSettings):
-    """Clone ``model`` (a ComfyUI ModelPatcher), install the attention on the clone and return it."""
+    """Clone ``model`` (a ComfyUI ModelPatcher), install the attention on the clone and return it.
+
+    Raises ValueError for a choice that cannot work here (see check_choices)."""
     import comfy.ldm.modules.attention as comfy_attention
 
+    check_choices(settings, model.model.diffusion_model)
     patched = model.clone()
     diffusion_model = patched.model.diffusion_model
     family = model_family(diffusion_model)
+    config = getattr(patched.model, "model_config", None)  # e.g. SD15, SDXL, Flux, WAN21_I2V: the name users know
+    if config is not None:
+        family = replace(family, name=type(config).__name__)
     transformer_options = patched.model_options.setdefault("transformer_options", {})
-    if hasattr(comfy_attention, "wrap_attn"):
+    attention_patch = AttentionPatch(settings, family, uses_override=hasattr(comfy_attention, "wrap_attn"))
+    if attention_patch.uses_override:
         mechanism = "optimized_attention_override"
-        attention_patch = AttentionPatch(settings, family, transformer_options.get("optimized_attention_override"))
-        transformer_options["optimized_attention_override"] = attention_patch.override
-    elif family.is_unet:
-        mechanism = "attn1/attn2 replace patches"
-        attention_patch = AttentionPatch(settings, family)
+        previous = transformer_options.get("optimized_attention_override")
+        transformer_options["optimized_attention_override"] = ChainedOverride(attention_patch, previous)
+    elif family.is_unet and hasattr(diffusion_model, "input_blocks"):
         blocks = unet_transformer_blocks(diffusion_model)
         for block_name, number, index in blocks:
             if attention_patch.serves(True):
                 patched.set_model_attn1_replace(attention_patch.replace_patch(True), block_name, number, index)
             if attention_patch.serves(False):
                 patched.set_model_attn2_replace(attention_patch.replace_patch(False), block_name, number, index)
-        mechanism += f" on {len(blocks)} transformer blocks"
+        mechanism = f"attn1/attn2 replace patches on {len(blocks)} transformer blocks"
     else:
-        logger.warning("Efficient Attention (PoP): this ComfyUI has no attention override (added in 0.3.60) and %s is "
-                       "not a UNet, so it cannot be patched; the model is returned unpatched. Update ComfyUI.",
-                       family.name)
+        logger.warning("%s: this ComfyUI has no attention override (added in 0.3.60) and %s is not a UNet, so it "
+                       "cannot be patched; the model is returned unpatched. Update ComfyUI.", NODE_NAME, family.name)
         return patched
-    patched.set_model_unet_function_wrapper(
-        attention_patch.model_function_wrapper(patched.model_options.get("model_function_wrapper")))
-    if not family.is_unet and settings.apply_to == "cross-attention" and family.text_first is not None:
-        logger.warning("Efficient Attention (PoP): %s uses joint attention (one self-attention call over text and "
-                       "image tokens) and has no separate cross-attention; apply_to=cross-attention patches nothing",
-                       family.name)
-    logger.info("Efficient Attention (PoP): patched %s via %s; backend=%s (min_tokens=%d, other calls auto), "
-                "heads=%s, layernorm=%s, apply_to=%s, strength=%.2f, sigma window [%.4g, %.4g], mask=%s",
-                family.name, mechanism, settings.backend, settings.min_tokens, settings.heads or "model's",
-                settings.layernorm, settings.apply_to, settings.strength, settings.sigma_end, settings.sigma_start,
+    if hasattr(patched, "add_wrapper_with_key"):
+        import comfy.patcher_extension
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
+                                     attention_patch.apply_model_wrapper)
+    else:
+        patched.set_model_unet_function_wrapper(
+            attention_patch.model_function_wrapper(patched.model_options.get("model_function_wrapper")))
+    if not family.cross_attention and settings.apply_to == "cross-attention" and family.text_first is not None:
+        logger.warning("%s: %s uses joint attention (one self-attention call over text and image tokens) and has no "
+                       "separate cross-attention; apply_to=cross-attention patches nothing", NODE_NAME, family.name)
+    logger.info("%s: patched %s via %s; backend=%s (min_tokens=%d, other calls auto), heads=%s, layernorm=%s, "
+                "apply_to=%s, strength=%.2f, sigma window [%.4g, %.4g], mask=%s", NODE_NAME, family.name, mechanism,
+                settings.backend, settings.min_tokens, settings.heads or "model's", settings.layernorm,
+                settings.apply_to, settings.strength, settings.sigma_end, settings.sigma_start,
                 "none" if settings.mask is None else f"{tuple(settings.mask.shape)} {settings.mask_mode}")
     return patched
 

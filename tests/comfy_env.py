@@ -6,6 +6,7 @@ pytest process sees one ComfyUI; run the suite once per ComfyUI.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import os
@@ -127,11 +128,30 @@ def count_attention_modules(diffusion_model) -> int:
     return sum(isinstance(m, comfy.ldm.modules.attention.CrossAttention) for m in diffusion_model.modules())
 
 
-def run_unet(patcher, x, sigma, context):
-    """One forward of the model, with the patcher's transformer_options, as a sampler would do it."""
-    options = patcher.model_options.get("transformer_options", {})
+def run_model(patcher, x, sigma, wrapped=True, **conds):
+    """One denoiser call as ComfyUI's sampler makes it (comfy.samplers._calc_cond_batch): the patcher's
+    transformer_options with its keyed wrappers merged in, the step's sigmas and cond_or_uncond, through
+    the model-function wrapper where one is set. ``wrapped=False``: without any wrapper, as a model
+    called outside a sampler."""
+    load_comfy()
+    options = copy.deepcopy(patcher.model_options.get("transformer_options", {}))
+    if wrapped and getattr(patcher, "wrappers", None):  # keyed wrappers: ComfyUI since December 2024
+        import comfy.patcher_extension
+
+        comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers,
+                                                   copy_dict1=False)
+    options.update(sigmas=sigma, cond_or_uncond=[0])
+    c = dict(conds, transformer_options=options)
     with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=dict(options))
+        wrapper = patcher.model_options.get("model_function_wrapper")
+        if wrapped and wrapper is not None:
+            return wrapper(patcher.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+        return patcher.model.apply_model(x, sigma, **c)
+
+
+def run_unet(patcher, x, sigma, context):
+    """One forward of a UNet, as a sampler would make it."""
+    return run_model(patcher, x, sigma, c_crossattn=context)
 
 
 def sample(patcher, latent, context, steps=2, seed=0):

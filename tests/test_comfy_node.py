@@ -37,19 +37,18 @@ def inputs():
 
 
 class CallLog:
-    """Wraps the library's attention as the patch calls it, recording every call."""
+    """Records every call the patch runs through the library (prepared split-head form)."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        real = patch_module.attention
+        real = patch_module.run_call
 
-        def recording(q, k, v, heads, mask=None, **kwargs):
-            self.calls.append(dict(n=q.shape[-2] if kwargs.get("skip_reshape") else q.shape[1],
-                                   m=k.shape[-2] if kwargs.get("skip_reshape") else k.shape[1],
-                                   heads=heads, mask=mask, **kwargs))
-            return real(q, k, v, heads, mask, **kwargs)
+        def recording(prepared, backend, skip_output_reshape=False):
+            self.calls.append(dict(n=prepared.q.shape[2], m=prepared.k.shape[2], heads=prepared.q.shape[1],
+                                   mask=prepared.mask, backend=backend, skip_output_reshape=skip_output_reshape))
+            return real(prepared, backend, skip_output_reshape)
 
-        monkeypatch.setattr(patch_module, "attention", recording)
+        monkeypatch.setattr(patch_module, "run_call", recording)
 
     def backends(self):
         return [c["backend"] for c in self.calls]
@@ -100,7 +99,7 @@ def test_min_tokens_keeps_small_calls_exact(model, inputs, monkeypatch):
     out = comfy_env.run_unet(patched(model, backend="linear", min_tokens=200), *inputs)
     assert torch.isfinite(out).all()
     by_size = {(c["n"], c["backend"]) for c in log.calls}
-    assert by_size == {(256, "linear"), (64, "auto")}
+    assert by_size == {(256, "linear"), (64, "sdpa")}
 
 
 def test_strength_blends_exact_and_approximate(model, inputs):
@@ -119,8 +118,17 @@ def test_heads_override(model, inputs, monkeypatch):
     assert not torch.allclose(out, reference, atol=1e-4)  # a different split of the same channels
 
 
-def test_heads_that_do_not_divide_raise_a_clear_error(model, inputs):
-    with pytest.raises(ValueError, match="^Mismatch in tensor dimensions: q's 32 channels are not divisible by heads=3"):
+def test_heads_that_do_not_divide_are_refused_when_the_node_runs(model):
+    with pytest.raises(ValueError, match=r"^Mismatch in tensor dimensions: Efficient Attention \(PoP\) heads=3 does not "
+                                         r"divide this model's attention widths \(32, 64 channels\); use 0 \(the model's "
+                                         r"own heads\) or a divisor of 32 such as 1, 2, 4, 8, 16, 32$"):
+        patched(model, backend="sdpa", heads=3)
+
+
+def test_heads_that_do_not_divide_a_layer_found_only_while_sampling(model, inputs, monkeypatch):
+    monkeypatch.setattr(patch_module, "attention_widths", lambda diffusion_model: frozenset())  # widths unknown
+    with pytest.raises(ValueError, match=r"^Mismatch in tensor dimensions: Efficient Attention \(PoP\) heads=3 does not "
+                                         r"divide this attention layer's 32 channels \(q \(2, 256, 32\)"):
         comfy_env.run_unet(patched(model, backend="sdpa", heads=3), *inputs)
 
 
@@ -139,10 +147,10 @@ def test_mask_modes_shape_self_attention_only(model, inputs, monkeypatch, mode, 
     reference = comfy_env.run_unet(patched(model, backend="masked"), *inputs)
     out = comfy_env.run_unet(patched(model, backend="masked", mask=_left_half_mask(), mask_mode=mode), *inputs)
     assert not torch.allclose(out, reference, atol=1e-4)
-    masked_calls = [c for c in log.calls if c["mask"] is not None]
+    masked_calls = [c for c in log.calls if c["mask"].region is not None]
     assert {(c["n"], c["m"]) for c in masked_calls} == {(256, 256), (64, 64)}  # never the text (cross) calls
     for call in masked_calls:
-        (region,) = call["mask"]
+        region = call["mask"].region
         assert isinstance(region, RegionMask)
         side = int(call["n"] ** 0.5)
         outside = (torch.arange(side * side) % side >= side // 2).long()[None]  # right half = outside (label 1)
@@ -155,7 +163,7 @@ def test_mask_batch_is_matched_to_the_latent_batch(model, inputs, monkeypatch):
     log = CallLog(monkeypatch)
     mask = torch.stack([_left_half_mask()[0], 1 - _left_half_mask()[0]])  # a different mask per image
     comfy_env.run_unet(patched(model, backend="masked", mask=mask), *inputs)
-    region = next(c["mask"][0] for c in log.calls if c["mask"] is not None and c["n"] == 64)
+    region = next(c["mask"].region for c in log.calls if c["mask"].region is not None and c["n"] == 64)
     assert region.query_labels.shape == (2, 64)
     torch.testing.assert_close(region.query_labels[0], 1 - region.query_labels[1])
 
@@ -163,7 +171,7 @@ def test_mask_batch_is_matched_to_the_latent_batch(model, inputs, monkeypatch):
 def test_full_mask_is_dropped_so_the_unmasked_path_runs(model, inputs, monkeypatch):
     log = CallLog(monkeypatch)
     comfy_env.run_unet(patched(model, backend="masked", mask=torch.ones(1, 64, 64)), *inputs)
-    assert all(c["mask"] is None for c in log.calls)
+    assert all(c["mask"].region is None and c["mask"].dense is None for c in log.calls)
 
 
 def test_sampling_with_sdpa_matches_unpatched(model):
@@ -190,7 +198,7 @@ def test_patching_logs_mechanism_and_backend(model, inputs, caplog):
     with caplog.at_level(logging.INFO, logger="efficient_attention_pop"):
         comfy_env.run_unet(patched(model, backend="linear", min_tokens=200), *inputs)
     text = caplog.text
-    assert "patched UNetModel via" in text and "backend=linear" in text
+    assert "patched SD15 via" in text and "backend=linear" in text
     assert "running backend linear" in text and "exact calls run on backend sdpa (auto)" in text
 
 

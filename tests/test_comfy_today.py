@@ -53,15 +53,8 @@ def flux_inputs():
 
 
 def run_flux(patcher, x, sigma, context, pooled, wrapped=True):
-    """One forward as a sampler makes it: sigmas in transformer_options and, with ``wrapped``, through the
-    model-function wrapper."""
-    options = dict(patcher.model_options.get("transformer_options", {}), sigmas=sigma)
-    c = {"c_crossattn": context, "y": pooled, "transformer_options": options}
-    with torch.no_grad():
-        wrapper = patcher.model_options.get("model_function_wrapper")
-        if wrapped and wrapper is not None:
-            return wrapper(patcher.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
-        return patcher.model.apply_model(x, sigma, **c)
+    """One forward as a sampler makes it (see comfy_env.run_model)."""
+    return comfy_env.run_model(patcher, x, sigma, wrapped=wrapped, c_crossattn=context, y=pooled)
 
 
 def test_flux_sdpa_equals_unpatched_and_every_call_goes_through_us(flux, flux_inputs, monkeypatch):
@@ -70,7 +63,7 @@ def test_flux_sdpa_equals_unpatched_and_every_call_goes_through_us(flux, flux_in
     out = run_flux(patched(flux, backend="sdpa"), *flux_inputs)
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
     assert len(log.calls) == 2  # one double block, one single block: joint attention over text + image
-    assert all(c["skip_reshape"] and c["n"] == c["m"] == TEXT_TOKENS + 48 for c in log.calls)
+    assert all(c["n"] == c["m"] == TEXT_TOKENS + 48 for c in log.calls)
 
 
 def test_flux_linear_changes_output_but_stays_finite(flux, flux_inputs):
@@ -97,7 +90,7 @@ def test_flux_region_mask_keeps_text_tokens_unmasked(flux, flux_inputs, monkeypa
     assert not torch.allclose(out, unmasked, atol=1e-4)
     assert len(log.calls) == 2
     for call in log.calls:
-        (region,) = call["mask"]
+        region = call["mask"].region
         assert isinstance(region, RegionMask)
         expected_image = (torch.arange(48) % 8 >= 4).long()
         expected = torch.cat([torch.full((TEXT_TOKENS,), -1), expected_image])[None]
@@ -109,7 +102,7 @@ def test_flux_mask_needs_the_latent_size(flux, flux_inputs, monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="efficient_attention_pop"):
         run_flux(patched(flux, backend="masked", mask=torch.ones(1, 8, 8) * (torch.arange(8) < 4)), *flux_inputs,
                  wrapped=False)
-    assert all(c["mask"] is None for c in log.calls)
+    assert all(c["mask"].region is None and c["mask"].dense is None for c in log.calls)
     assert "latent size is unknown" in caplog.text
 
 

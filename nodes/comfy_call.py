@@ -1,0 +1,78 @@
+"""ComfyUI's attention calling convention, read once per call.
+
+Every attention function of ComfyUI has the signature
+``(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs)``
+and its callers use it in every way it allows: ``heads`` positional (UNets, Flux) or keyword (Wan, SD3,
+ACE-Step), ``mask`` positional, keyword or absent, ``transformer_options`` as a keyword, and newer
+keywords (``scale``, ``enable_gqa``, ``low_precision_attention``) beside unknown future ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+POSITIONAL = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+
+@dataclass(frozen=True)
+class ComfyAttentionCall:
+    """One call's arguments. q (B, N, H*D) and k/v (B, M, ...), or (B, H, N, D) with ``skip_reshape``."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    heads: int
+    mask: Optional[torch.Tensor]
+    skip_reshape: bool
+    skip_output_reshape: bool
+    scale: Optional[float]
+    enable_gqa: bool
+    low_precision_allowed: bool  # False when the caller demands full-precision attention
+    transformer_options: dict
+
+    @property
+    def token_axis(self) -> int:
+        return 2 if self.skip_reshape else 1
+
+    @property
+    def query_tokens(self) -> int:
+        return self.q.shape[self.token_axis]
+
+    @property
+    def key_tokens(self) -> int:
+        return self.k.shape[self.token_axis]
+
+    @property
+    def channels(self) -> int:
+        """q's channels, heads * dim_head."""
+        return self.q.shape[1] * self.q.shape[3] if self.skip_reshape else self.q.shape[-1]
+
+
+def read_call(args: tuple, kwargs: dict) -> Optional[ComfyAttentionCall]:
+    """The call's arguments by name, or None when they are not a ComfyUI attention call this pack can read
+    (missing q/k/v/heads, too many positional arguments, not tensors of the expected ranks)."""
+    if len(args) > len(POSITIONAL):
+        return None
+    named = dict(zip(POSITIONAL, args))
+    for name in POSITIONAL:
+        if name in kwargs and name in named:
+            return None  # given twice: the original function will say what is wrong
+        if name in kwargs:
+            named[name] = kwargs[name]
+    q, k, v, heads = (named.get(name) for name in ("q", "k", "v", "heads"))
+    skip_reshape = bool(named.get("skip_reshape", False))
+    rank = 4 if skip_reshape else 3
+    if not all(isinstance(t, torch.Tensor) and t.ndim == rank and t.is_floating_point() for t in (q, k, v)):
+        return None
+    if isinstance(heads, torch.Tensor) or isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        return None
+    mask = named.get("mask")
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return None
+    options = kwargs.get("transformer_options")
+    return ComfyAttentionCall(
+        q, k, v, heads, mask, skip_reshape, bool(named.get("skip_output_reshape", False)), kwargs.get("scale"),
+        bool(kwargs.get("enable_gqa", False)), kwargs.get("low_precision_attention", True) is not False,
+        options if isinstance(options, dict) else {})

@@ -1,0 +1,158 @@
+"""What the node knows about ComfyUI's model families: where an attention call's image tokens are, and
+which calls are self- and which are cross-attention.
+
+Read from each family's model code in ComfyUI (see README, "Model families"). Importing this needs no
+ComfyUI: families are recognised by the class name of the diffusion model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+from ..attention.regions import TokenLayout, find_token_layout
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How one family's attention calls are laid out.
+
+    patch_size / temporal_patch: a DiT's tokens per latent cell (None: a UNet, whose levels halve the latent).
+    text_first: joint attention over text and image tokens: True [text, image, ...], False [image, text];
+        None: no joint attention.
+    cross_attention: separate cross-attention calls whose keys are text (or CLIP image) tokens.
+    keys_append_text: self-attention keys are [image tokens, text tokens] (Stable Cascade).
+    context_keywords: apply_model keywords whose token count is the key count of a cross-attention call
+        (besides c_crossattn), e.g. Wan's CLIP image features.
+    mask_unsupported: why a MASK cannot be placed on this family's tokens (None: it can).
+    """
+
+    name: str
+    patch_size: Optional[int] = None
+    temporal_patch: int = 1
+    text_first: Optional[bool] = None
+    cross_attention: bool = False
+    keys_append_text: bool = False
+    context_keywords: Tuple[str, ...] = ()
+    mask_unsupported: Optional[str] = None
+
+    @property
+    def is_unet(self) -> bool:
+        return self.patch_size is None
+
+
+UNET = ModelFamily("UNet", cross_attention=True)
+
+# type(diffusion_model).__name__ -> family
+FAMILIES: Dict[str, ModelFamily] = {
+    "UNetModel": UNET,
+    "Flux": ModelFamily("Flux", patch_size=2, text_first=True),
+    "Chroma": ModelFamily("Chroma", patch_size=2, text_first=True),
+    "OpenAISignatureMMDITWrapper": ModelFamily("SD3", patch_size=2, text_first=True),
+    "QwenImageTransformer2DModel": ModelFamily("Qwen-Image", patch_size=2, text_first=True),
+    "HunyuanVideo": ModelFamily("HunyuanVideo", patch_size=2, text_first=False),
+}
+
+
+def model_family(diffusion_model) -> ModelFamily:
+    """The family of a ComfyUI diffusion model; an unknown model gets a family without layout knowledge
+    (its calls are served, a MASK is declined with a warning)."""
+    name = type(diffusion_model).__name__
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
+        return ModelFamily(name, cross_attention=True)  # a UNet variant
+    return ModelFamily(name, mask_unsupported=f"the token layout of {name} is not known to this pack")
+
+
+@dataclass
+class ModelCall:
+    """What one call of the diffusion model tells its attention calls, decided once per model call.
+
+    latent_shape: the latent the sampler passed, (B, C, H, W) or (B, C, T, H, W).
+    context_tokens: token counts of the cross-attention key sequences (text, CLIP image features).
+    text_tokens: the text's token count (c_crossattn), for joint-attention layouts.
+    active: inside the node's schedule window.
+    """
+
+    latent_shape: Tuple[int, ...]
+    context_tokens: frozenset
+    text_tokens: Optional[int]
+    active: bool = True
+    reached: bool = False  # some attention call of this model call reached the override
+    tied_calls: Dict[int, int] = field(default_factory=dict)  # calls per token count where self/cross tie
+
+    def tie_break(self, tokens: int) -> bool:
+        """For calls whose query, key and text token counts are all equal: True for self-attention.
+
+        Every family with separate cross-attention calls it after the self-attention of the same block
+        (UNet attn1 then attn2; Wan, LTXV, Cosmos self then cross), so such calls alternate self, cross.
+        """
+        seen = self.tied_calls.get(tokens, 0)
+        self.tied_calls[tokens] = seen + 1
+        return seen % 2 == 0
+
+
+def is_self_attention(family: ModelFamily, query_tokens: int, key_tokens: int, image_tokens: Optional[int],
+                      model_call: Optional[ModelCall]) -> bool:
+    """Self-attention (keys from the queries' own sequence) or cross-attention (keys from another one).
+
+    Equal token counts alone do not decide it: at some sizes an image level has as many tokens as the
+    text (SD1.5 at 448x704: 77), and unequal counts can be self-attention with merged queries (ToMe) or
+    with text appended to the keys (Stable Cascade). ``image_tokens`` is the call's own image-token count
+    where known (a UNet level's activations); ``model_call`` holds the text lengths of this model call.
+    """
+    context = model_call.context_tokens if model_call is not None else frozenset()
+    if query_tokens == key_tokens:
+        if family.cross_attention and key_tokens in context and model_call is not None:
+            return model_call.tie_break(key_tokens)
+        return True
+    if family.keys_append_text and key_tokens > query_tokens:
+        return True
+    if key_tokens in context:
+        return False
+    return image_tokens is not None and key_tokens == image_tokens  # fewer queries than keys: merged (ToMe)
+
+
+def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall],
+                activations_shape: Optional[Sequence[int]] = None) -> Optional[TokenLayout]:
+    """Where the image tokens of a ``tokens``-long self-attention sequence are, or None if not known.
+
+    UNets: the level's ``activations_shape`` (B, C, H, W) where ComfyUI provides it, else the halving of
+    the latent that fits. DiTs: the patch grid, with joint text before or after it.
+    """
+    if model_call is None:
+        return None
+    if family.is_unet and activations_shape is not None and len(activations_shape) == 4:
+        height, width = activations_shape[-2:]
+        return TokenLayout(1, height, width) if height * width == tokens else None
+    return find_token_layout(model_call.latent_shape, tokens, family.patch_size, family.text_first,
+                             model_call.text_tokens if family.text_first else None, family.temporal_patch)
+
+
+HEAD_COUNT_ATTRIBUTES = ("heads", "num_heads", "n_heads", "heads_num", "n_local_heads", "num_attention_heads")
+HEAD_DIM_ATTRIBUTES = ("dim_head", "head_dim", "d_head", "dim_heads", "attention_head_dim")
+QUERY_PROJECTIONS = {"to_q": 1, "q": 1, "q_proj": 1, "wq": 1, "query": 1, "qkv": 3, "to_qkv": 3, "qkv_proj": 3}
+
+
+def attention_widths(diffusion_model) -> frozenset:
+    """The q widths (heads * dim_head) of every attention module of a diffusion model that says them: an
+    integer head count beside a head dim, or beside its query projection (a Linear, or a fused q/k/v one).
+    Empty when none is found, so the node cannot check ``heads`` before sampling."""
+    widths = set()
+    for module in diffusion_model.modules():
+        heads = next((getattr(module, name) for name in HEAD_COUNT_ATTRIBUTES
+                      if isinstance(getattr(module, name, None), int)), None)
+        if not heads or heads <= 0:
+            continue
+        dim = next((getattr(module, name) for name in HEAD_DIM_ATTRIBUTES
+                    if isinstance(getattr(module, name, None), int)), None)
+        if dim:
+            widths.add(heads * dim)
+            continue
+        for name, parts in QUERY_PROJECTIONS.items():
+            projection = getattr(module, name, None)
+            out_features = getattr(projection, "out_features", None)
+            if isinstance(out_features, int) and out_features % parts == 0:
+                widths.add(out_features // parts)
+                break
+    return frozenset(widths)
