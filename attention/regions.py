@@ -45,15 +45,16 @@ def _halvings(height: int, width: int):
 
 
 def find_token_layout(latent_shape: Sequence[int], tokens: int, patch_size: Optional[int] = None,
-                      text_first: Optional[bool] = None, text_tokens: Optional[int] = None,
+                      others_first: Optional[bool] = None, text_tokens: Optional[int] = None,
                       temporal_patch: int = 1) -> Optional[TokenLayout]:
     """The layout of a ``tokens``-long sequence made from a latent of ``latent_shape``, or None if none fits.
 
     latent_shape: (B, C, H, W) or (B, C, T, H, W). Without ``patch_size`` (a UNet) the image grid is the
     latent downsampled 1, 2, 4, ... times and must account for every token. With ``patch_size`` (a DiT)
-    the grid is ceil(T/temporal_patch) x ceil(H/p) x ceil(W/p); other tokens are allowed only for joint
-    attention (``text_first`` not None): text first puts ``text_tokens`` (default: all others) before the
-    image and any remaining tokens (e.g. reference images) after it; text last puts all others after it.
+    the grid is ceil(T/temporal_patch) x ceil(H/p) x ceil(W/p); other tokens (joint text, register tokens,
+    reference images) are allowed only where ``others_first`` says where they go: True puts ``text_tokens``
+    (default: all others) before the image and any remaining tokens (reference images) after it; False
+    puts all others after it; None allows none.
     """
     if len(latent_shape) not in (4, 5):
         return None
@@ -67,9 +68,9 @@ def find_token_layout(latent_shape: Sequence[int], tokens: int, patch_size: Opti
     grid = TokenLayout(math.ceil(frames / temporal_patch), math.ceil(height / patch_size),
                        math.ceil(width / patch_size))
     others = tokens - grid.image_tokens
-    if others < 0 or (others > 0 and text_first is None):
+    if others < 0 or (others > 0 and others_first is None):
         return None
-    before = (others if text_tokens is None else text_tokens) if text_first else 0
+    before = (others if text_tokens is None else text_tokens) if others_first else 0
     if before > others:
         return None
     return TokenLayout(grid.frames, grid.height, grid.width, before, others - before)

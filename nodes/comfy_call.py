@@ -4,7 +4,8 @@ Every attention function of ComfyUI has the signature
 ``(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs)``
 and its callers use it in every way it allows: ``heads`` positional (UNets, Flux) or keyword (Wan, SD3,
 ACE-Step), ``mask`` positional, keyword or absent, ``transformer_options`` as a keyword, and newer
-keywords (``scale``, ``enable_gqa``, ``low_precision_attention``) beside unknown future ones.
+keywords (``scale``, ``enable_gqa``, ``low_precision_attention``) beside unknown future ones. Without
+``skip_reshape`` a tensor may also come as (B, N, H, D): SD3 passes v so, and ComfyUI reads it as (B, N, H*D).
 """
 from __future__ import annotations
 
@@ -63,9 +64,11 @@ def read_call(args: tuple, kwargs: dict) -> Optional[ComfyAttentionCall]:
             named[name] = kwargs[name]
     q, k, v, heads = (named.get(name) for name in ("q", "k", "v", "heads"))
     skip_reshape = bool(named.get("skip_reshape", False))
-    rank = 4 if skip_reshape else 3
-    if not all(isinstance(t, torch.Tensor) and t.ndim == rank and t.is_floating_point() for t in (q, k, v)):
+    ranks = (4,) if skip_reshape else (3, 4)
+    if not all(isinstance(t, torch.Tensor) and t.ndim in ranks and t.is_floating_point() for t in (q, k, v)):
         return None
+    if not skip_reshape:  # (B, N, H, D) is read as (B, N, H*D), as ComfyUI's own functions do (SD3 passes v so)
+        q, k, v = (t.flatten(2) if t.ndim == 4 else t for t in (q, k, v))
     if isinstance(heads, torch.Tensor) or isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
         return None
     mask = named.get("mask")

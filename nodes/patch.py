@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from ..attention import BACKENDS, BackendNotSupported, RegionMask, prepare_call, run_call, select_backend
+from ..attention.backends.base import tracing
 from ..attention.regions import MASK_MODES, QUERY_PLACES_NEEDED, TokenLayout, region_mask_for_layout
 from .comfy_call import ComfyAttentionCall, read_call
 from .families import ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family
@@ -104,6 +105,7 @@ class AttentionPatch:
         self.state_key = f"{WRAPPER_KEY}.{id(self):x}"  # transformer_options entry holding this patch's ModelCall
         self._regions: Dict[tuple, Optional[RegionMask]] = {}
         self._logged = set()
+        self._deferred = []  # (level, message) logged while torch.compile traced; written after the model call
 
     def __deepcopy__(self, memo):
         return self
@@ -111,20 +113,24 @@ class AttentionPatch:
     # ---- once per model call ----
     def begin_model_call(self, latent: torch.Tensor, sigmas, context, extra_conds: dict) -> ModelCall:
         """Decide what every attention call of one model call reads (the only place a tensor becomes a number)."""
-        settings = self.settings
+        settings, family = self.settings, self.family
         active = True
         if not settings.full_window and isinstance(sigmas, torch.Tensor) and sigmas.numel():
             sigma = float(sigmas.flatten()[0])
             active = settings.sigma_end <= sigma <= settings.sigma_start
         text_tokens = context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
-        context_tokens = {text_tokens} if text_tokens is not None else set()
-        for keyword in self.family.context_keywords:
+        context_tokens = set(family.fixed_context_tokens) | ({text_tokens} if text_tokens is not None else set())
+        for keyword in family.context_keywords:
             extra = extra_conds.get(keyword)
             if isinstance(extra, torch.Tensor) and extra.ndim >= 2:
                 context_tokens.add(extra.shape[-2])
-        return ModelCall(tuple(latent.shape), frozenset(context_tokens), text_tokens, active)
+        changing = [keyword for keyword in family.layout_changing_keywords if extra_conds.get(keyword) is not None]
+        unplaceable = f"with {changing[0]} its tokens are laid out in a way this pack cannot place" if changing else None
+        return ModelCall(tuple(latent.shape), frozenset(context_tokens), text_tokens, active, unplaceable)
 
     def end_model_call(self, model_call: ModelCall) -> None:
+        while self._deferred:
+            logger.log(*self._deferred.pop(0))
         if not model_call.reached:
             self._warn_once("unreached", f"{NODE_NAME}: this {self.family.name} model made no attention call "
                             "through ComfyUI's attention override, so the node has no effect on it (families such "
@@ -165,15 +171,17 @@ class AttentionPatch:
     # ---- today's ComfyUI: optimized_attention_override ----
     def override(self, previous: Optional[Callable], func, args: tuple, kwargs: dict):
         """One attention call: served, or passed on to ``previous`` (or ComfyUI's ``func``) unchanged."""
-        call = read_call(args, kwargs)
-        model_call = call.transformer_options.get(self.state_key) if call is not None else None
+        options = kwargs.get("transformer_options")
+        model_call = options.get(self.state_key) if isinstance(options, dict) else None
         if model_call is not None:
             model_call.reached = True
+        call = read_call(args, kwargs)
         reason = self._decline_reason(call, model_call)
         if reason is None:
-            is_self = self._is_self_attention(call, model_call)
+            layouts = self._layouts(call, model_call)
+            is_self = self._is_self_attention(call, model_call, layouts)
             if self.serves(is_self):
-                out = self.run(call, is_self, model_call)
+                out = self.run(call, is_self, model_call, layouts)
                 if out is not None:
                     return out
         elif reason:
@@ -204,25 +212,31 @@ class AttentionPatch:
             return True
         return self.settings.sigma_end <= float(sigmas.flatten()[0]) <= self.settings.sigma_start
 
-    def _is_self_attention(self, call: ComfyAttentionCall, model_call: Optional[ModelCall]) -> bool:
+    def _layouts(self, call: ComfyAttentionCall, model_call: Optional[ModelCall]):
+        """(query layout, key layout): where this call's image tokens are, each None where not known."""
         activations = call.transformer_options.get("activations_shape")
-        image_tokens = activations[-2] * activations[-1] if activations is not None and len(activations) == 4 else None
-        if image_tokens is None and model_call is not None and not self.family.is_unet:
-            grid = call_layout(self.family, call.key_tokens, model_call)
-            image_tokens = call.key_tokens if grid is not None else None
-        return is_self_attention(self.family, call.query_tokens, call.key_tokens, image_tokens, model_call)
+        n, m = call.query_tokens, call.key_tokens
+        key_layout = call_layout(self.family, m, model_call, activations)
+        query_layout = key_layout if n == m else call_layout(self.family, n, model_call, activations)
+        return query_layout, key_layout
+
+    def _is_self_attention(self, call: ComfyAttentionCall, model_call: Optional[ModelCall], layouts) -> bool:
+        query_layout, key_layout = layouts
+        query_is_image = None if self.family.mask_unsupported or model_call is None else query_layout is not None
+        return is_self_attention(self.family, call.query_tokens, call.key_tokens, model_call, query_is_image,
+                                 key_layout is not None)
 
     def serves(self, is_self_attention: bool) -> bool:
         apply_to = self.settings.apply_to
         return apply_to == "both" or (apply_to == "self-attention") == is_self_attention
 
     # ---- the attention itself ----
-    def run(self, call: ComfyAttentionCall, is_self_attention: bool, model_call: Optional[ModelCall]):
+    def run(self, call: ComfyAttentionCall, is_self_attention: bool, model_call: Optional[ModelCall], layouts):
         """Our attention for one served call, in the caller's layout; None when the pack cannot serve it."""
         settings = self.settings
         masks = [call.mask] if call.mask is not None else []
         if settings.mask is not None and is_self_attention:
-            region = self._region(call, model_call)
+            region = self._region(call, model_call, *layouts)
             if region is not None:
                 masks.append(region)
         heads = settings.heads or call.heads
@@ -271,22 +285,24 @@ class AttentionPatch:
         self._log_once(("auto", name), f"{NODE_NAME}: exact calls run on backend {name} (auto)")
         return name
 
-    def _region(self, call: ComfyAttentionCall, model_call: Optional[ModelCall]) -> Optional[RegionMask]:
+    def _region(self, call: ComfyAttentionCall, model_call: Optional[ModelCall], query_layout: Optional[TokenLayout],
+                key_layout: Optional[TokenLayout]) -> Optional[RegionMask]:
         family = self.family
         if family.mask_unsupported:
-            self._warn_once("mask-family", f"{NODE_NAME}: the mask is not applied to {family.name}: "
-                            f"{family.mask_unsupported}")
-            return None
+            return None  # said once when the node ran (patch_model)
         if model_call is None:
             self._warn_once("no-latent", f"{NODE_NAME}: the latent size is unknown in this call, so the mask is not "
                             "applied (was the model called outside a ComfyUI sampler?)")
             return None
-        activations = call.transformer_options.get("activations_shape")
+        if model_call.unplaceable:
+            self._warn_once(("unplaceable", model_call.unplaceable), f"{NODE_NAME}: the mask is not applied to "
+                            f"{family.name}: {model_call.unplaceable}")
+            return None
         n, m = call.query_tokens, call.key_tokens
-        key_layout = call_layout(family, m, model_call, activations)
-        query_layout = key_layout if n == m else call_layout(family, n, model_call, activations)
         if family.keys_append_text and query_layout is not None and m > n:
             key_layout = replace(query_layout, after=query_layout.after + m - n)
+        if key_layout is None and self._without_image_tokens(call, model_call):
+            return None  # text-only self-attention (refiners) or temporal attention: no image grid to mask
         if key_layout is None:
             self._warn_once(("layout", n, m), f"{NODE_NAME}: cannot place the {m} key tokens of a {family.name} "
                             f"attention call on the latent {model_call.latent_shape}; the mask is not applied to "
@@ -309,10 +325,24 @@ class AttentionPatch:
             self._regions[key] = region
         return self._regions[key]
 
+    @staticmethod
+    def _without_image_tokens(call: ComfyAttentionCall, model_call: ModelCall) -> bool:
+        """A self-attention call over no image tokens: the text alone (HunyuanVideo's, Lumina 2's and OmniGen2's
+        refiners), or across video frames (SVD's temporal attention, beside a level of another size)."""
+        activations = call.transformer_options.get("activations_shape")
+        if activations is not None and len(activations) == 4 and call.query_tokens != activations[-2] * activations[-1]:
+            return True
+        return call.query_tokens == call.key_tokens == model_call.text_tokens
+
     def _log_once(self, key, message, level=logging.INFO):
+        """Log a message once per patch; while torch.compile traces the model (where a log call would break the
+        graph) it is kept and written after the model call."""
         if key not in self._logged:
             self._logged.add(key)
-            logger.log(level, message)
+            if tracing():
+                self._deferred.append((level, message))
+            else:
+                logger.log(level, message)
 
     def _warn_once(self, key, message):
         self._log_once(key, message, logging.WARNING)
@@ -329,7 +359,7 @@ class AttentionPatch:
                 model_call.reached = True
             out = None
             if self._decline_reason(call, model_call) is None:
-                out = self.run(call, is_self_attention, model_call)
+                out = self.run(call, is_self_attention, model_call, self._layouts(call, model_call))
             if out is None:
                 from comfy.ldm.modules.attention import optimized_attention
                 out = optimized_attention(q, k, v, heads)
@@ -426,7 +456,9 @@ def patch_model(model, settings: PatchSettings):
     else:
         patched.set_model_unet_function_wrapper(
             attention_patch.model_function_wrapper(patched.model_options.get("model_function_wrapper")))
-    if not family.cross_attention and settings.apply_to == "cross-attention" and family.text_first is not None:
+    if settings.mask is not None and family.mask_unsupported:
+        logger.warning("%s: the mask is not applied to %s: %s", NODE_NAME, family.name, family.mask_unsupported)
+    if not family.cross_attention and settings.apply_to == "cross-attention" and family.others_first is not None:
         logger.warning("%s: %s uses joint attention (one self-attention call over text and image tokens) and has no "
                        "separate cross-attention; apply_to=cross-attention patches nothing", NODE_NAME, family.name)
     logger.info("%s: patched %s via %s; backend=%s (min_tokens=%d, other calls auto), heads=%s, layernorm=%s, "

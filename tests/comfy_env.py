@@ -128,24 +128,27 @@ def count_attention_modules(diffusion_model) -> int:
     return sum(isinstance(m, comfy.ldm.modules.attention.CrossAttention) for m in diffusion_model.modules())
 
 
-def run_model(patcher, x, sigma, wrapped=True, **conds):
+def run_model(patcher, x, sigma, wrapped=True, cond_or_uncond=(0,), options_extra=None, **conds):
     """One denoiser call as ComfyUI's sampler makes it (comfy.samplers._calc_cond_batch): the patcher's
-    transformer_options with its keyed wrappers merged in, the step's sigmas and cond_or_uncond, through
-    the model-function wrapper where one is set. ``wrapped=False``: without any wrapper, as a model
-    called outside a sampler."""
+    transformer_options with its keyed wrappers and callbacks merged in (as
+    comfy.sampler_helpers.prepare_model_patcher does), the step's sigmas and cond_or_uncond, through the
+    model-function wrapper where one is set. ``wrapped=False``: without any wrapper, as a model called
+    outside a sampler. ``options_extra``: more transformer_options (e.g. a sampler's sample_sigmas)."""
     load_comfy()
     options = copy.deepcopy(patcher.model_options.get("transformer_options", {}))
     if wrapped and getattr(patcher, "wrappers", None):  # keyed wrappers: ComfyUI since December 2024
         import comfy.patcher_extension
 
-        comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers,
-                                                   copy_dict1=False)
-    options.update(sigmas=sigma, cond_or_uncond=[0])
+        for name in ("wrappers", "callbacks"):
+            comfy.patcher_extension.merge_nested_dicts(options.setdefault(name, {}), getattr(patcher, name),
+                                                       copy_dict1=False)
+    options.update(sigmas=sigma, cond_or_uncond=list(cond_or_uncond), **(options_extra or {}))
     c = dict(conds, transformer_options=options)
     with torch.no_grad():
         wrapper = patcher.model_options.get("model_function_wrapper")
         if wrapped and wrapper is not None:
-            return wrapper(patcher.model.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+            return wrapper(patcher.model.apply_model, {"input": x, "timestep": sigma, "c": c,
+                                                       "cond_or_uncond": list(cond_or_uncond)})
         return patcher.model.apply_model(x, sigma, **c)
 
 

@@ -850,26 +850,12 @@ CALLS_WITHOUT_OVERRIDE: Dict[str, str] = {
 # --------------------------------------------------------------------------------------------------- running
 
 def run_model(patcher, case_inputs: dict, transformer_options_extra: Optional[dict] = None):
-    """One denoiser call the way ComfyUI's sampler makes it: transformer_options = a copy of
-    patcher.model_options["transformer_options"] with patcher.wrappers merged into its "wrappers" entry
-    (as comfy.sampler_helpers.prepare_model_patcher does), plus "sigmas" and "cond_or_uncond"; then
-    patcher.model.apply_model(x, sigma, transformer_options=..., **conds) under torch.no_grad().
-
-    Like prepare_model_patcher it also merges patcher.callbacks into "callbacks". A real sampler adds
-    "sample_sigmas" (the whole schedule) and "uuids" too: pass them in `transformer_options_extra` if needed."""
-    comfy = _comfy()
-    extension = comfy.patcher_extension
-    options = extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
-    extension.merge_nested_dicts(options.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
-    extension.merge_nested_dicts(options.setdefault("callbacks", {}), patcher.callbacks, copy_dict1=False)
-    x, sigma = case_inputs["x"], case_inputs["sigma"]
-    options["sigmas"] = sigma
-    options["cond_or_uncond"] = list(case_inputs.get("cond_or_uncond", [0, 1][: x.shape[0]]))
-    if transformer_options_extra:
-        options.update(transformer_options_extra)
-    conds = dict(case_inputs.get("conds", {}))
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, transformer_options=options, **conds)
+    """One denoiser call the way ComfyUI's sampler makes it (comfy_env.run_model) with a case's inputs; a real
+    sampler also adds "sample_sigmas" and "uuids": pass them in ``transformer_options_extra`` if needed."""
+    x = case_inputs["x"]
+    return comfy_env.run_model(patcher, x, case_inputs["sigma"],
+                               cond_or_uncond=case_inputs.get("cond_or_uncond", [0, 1][: x.shape[0]]),
+                               options_extra=transformer_options_extra, **case_inputs.get("conds", {}))
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,7 +44,7 @@ class CallLog:
         real = patch_module.run_call
 
         def recording(prepared, backend, skip_output_reshape=False):
-            self.calls.append(dict(n=prepared.q.shape[2], m=prepared.k.shape[2], heads=prepared.q.shape[1],
+            self.calls.append(dict(n=prepared.q.shape[2], m=prepared.k.shape[2], heads=prepared.q.shape[1], dim=prepared.q.shape[3],
                                    mask=prepared.mask, backend=backend, skip_output_reshape=skip_output_reshape))
             return real(prepared, backend, skip_output_reshape)
 

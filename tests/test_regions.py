@@ -22,22 +22,22 @@ def test_unet_token_count_that_fits_no_level():
     assert find_token_layout((1, 4, 64, 64), 77) is None
 
 
-def test_flux_joint_text_first():
-    layout = find_token_layout((1, 16, 128, 128), 256 + 4096, patch_size=2, text_first=True, text_tokens=256)
+def test_flux_joint_others_first():
+    layout = find_token_layout((1, 16, 128, 128), 256 + 4096, patch_size=2, others_first=True, text_tokens=256)
     assert layout == TokenLayout(1, 64, 64, before=256, after=0)
     with_reference = find_token_layout((1, 16, 128, 128), 256 + 4096 + 1024, 2, True, text_tokens=256)
     assert with_reference == TokenLayout(1, 64, 64, before=256, after=1024)  # Kontext reference tokens after
 
 
 def test_hunyuan_video_joint_text_last_with_frames():
-    layout = find_token_layout((1, 16, 5, 32, 48), 5 * 16 * 24 + 77, patch_size=2, text_first=False)
+    layout = find_token_layout((1, 16, 5, 32, 48), 5 * 16 * 24 + 77, patch_size=2, others_first=False)
     assert layout == TokenLayout(5, 16, 24, before=0, after=77)
 
 
 def test_dit_without_joint_attention_needs_an_exact_fit():
     assert find_token_layout((1, 16, 9, 30, 52), 9 * 15 * 26, patch_size=2) == TokenLayout(9, 15, 26)
     assert find_token_layout((1, 16, 30, 52), 15 * 26 + 5, patch_size=2) is None
-    assert find_token_layout((1, 16, 30, 52), 100, patch_size=2, text_first=True) is None  # fewer than the image
+    assert find_token_layout((1, 16, 30, 52), 100, patch_size=2, others_first=True) is None  # fewer than the image
     assert find_token_layout((1, 16, 30), 100) is None
 
 

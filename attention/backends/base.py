@@ -65,6 +65,13 @@ class Backend:
         raise NotImplementedError
 
 
+def tracing() -> bool:
+    """True while torch.compile traces the caller: data-dependent branches (a tensor read as a Python
+    bool) would break the graph there, so backends take their branch-free path."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """CPUs without fast half-precision matmuls compute in fp32; GPUs keep the input dtype."""
     return torch.float32 if t.device.type == "cpu" else t.dtype

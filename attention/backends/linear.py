@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 
 from ..masks import NormalizedMask, RegionMask
-from .base import AttentionCall, Backend
+from .base import AttentionCall, Backend, tracing
 
 
 # Without subtracting the max, exp(k) is used only when the normaliser shows it was safe: finite (no
@@ -38,9 +38,9 @@ def linear_context(k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Te
     Streams the tokens in chunks (fp32 temporaries of TOKEN_CHUNK tokens, not of M). Masked keys
     (bias -inf) get weight exactly 0; a head with no allowed key gets a zero context. On CPU without a
     mask, exp(k) is tried first without the max pass (softmax is shift-invariant) and redone with it
-    only if that overflowed or underflowed.
+    only if that overflowed or underflowed (not while torch.compile traces: that check reads the tensor).
     """
-    if key_bias is None and k.device.type == "cpu":
+    if key_bias is None and k.device.type == "cpu" and not tracing():
         context, norm = _context_sums(k, v, None, None)
         if bool(torch.isfinite(norm).all()) and bool((norm > DIRECT_EXP_MIN_NORM).all()):
             return context.div_(norm[..., None])
