@@ -214,9 +214,9 @@ def test_bad_choices_are_reported(model):
         patched(model, mask=_left_half_mask(), mask_mode="everything")
 
 
-def test_older_comfyui_returns_dit_models_unpatched_with_a_warning(comfy, caplog):
-    if comfy_env.is_todays_comfyui():
-        pytest.skip("today's ComfyUI patches DiTs through the attention override (see test_comfy_today.py)")
+def test_non_unet_models_need_the_override(comfy, caplog):
+    """A diffusion model that is not a UNet: patched through the override where ComfyUI has it, else returned
+    unpatched with a warning (ComfyUI before 0.3.60 offers no way into DiT attention)."""
     config = comfy.supported_models.SD15({"disable_unet_model_creation": True})
     model = comfy.model_base.BaseModel(config, device=torch.device("cpu"))
     model.diffusion_model = torch.nn.Linear(4, 4)  # a diffusion model that is not a UNet, as a DiT would be
@@ -224,8 +224,12 @@ def test_older_comfyui_returns_dit_models_unpatched_with_a_warning(comfy, caplog
                                                offload_device=torch.device("cpu"))
     with caplog.at_level(logging.WARNING, logger="efficient_attention_pop"):
         result = patched(patcher, backend="linear")
-    assert "cannot be patched; the model is returned unpatched" in caplog.text
-    assert result.model_options == patcher.model_options
+    if comfy_env.is_todays_comfyui():
+        assert "optimized_attention_override" in result.model_options["transformer_options"]
+        assert "cannot be patched" not in caplog.text
+    else:
+        assert "cannot be patched; the model is returned unpatched" in caplog.text
+        assert result.model_options == patcher.model_options
 
 
 def test_comfyui_loads_the_pack_with_its_own_loader(comfy, tmp_path):
