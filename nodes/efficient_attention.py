@@ -5,9 +5,8 @@ as a V3 node with the same inputs and the same function, which is then the one r
 """
 from __future__ import annotations
 
-from ..attention import BACKENDS
 from ..attention.regions import MASK_MODES
-from .patch import APPLY_TO, patch_model, settings_for_model
+from .patch import APPLY_TO, backend_problem, patch_model, settings_for_model, usable_backends
 
 NODE_ID = "EfficientAttentionPoP"
 DISPLAY_NAME = "Efficient Attention (PoP)"
@@ -16,8 +15,7 @@ DESCRIPTION = (
     "Runs the model's attention through the Efficient Attention (PoP) backends: exact torch SDPA, exact "
     "region-masked attention, or linear Efficient Attention (approximate, O(N)). Returns a patched copy; the "
     "input model is unchanged, so bypassing this node restores the original attention.")
-BACKEND_CHOICES = ["auto"] + [name for name in ("sdpa", "masked", "linear") if name in BACKENDS] + sorted(
-    name for name in BACKENDS if name not in ("sdpa", "masked", "linear"))
+BACKEND_CHOICES = usable_backends()  # what this machine can run; a saved workflow's other choice is refused, with why
 
 # (name, kind, options, tooltip); kind is the classic ComfyUI type name.
 INPUTS = [
@@ -56,6 +54,12 @@ MASK_TOOLTIP = ("Optional region mask (white = inside), resized to each attentio
                 "latent batch.")
 
 
+def validate_backend(backend):
+    """ComfyUI's input validation (before anything runs): True, or why ``backend`` cannot be used here. A workflow
+    saved where another backend was available still loads; queueing it names the backend and the reason."""
+    return backend_problem(backend) or True
+
+
 def apply_efficient_attention(model, backend, heads, layernorm, apply_to, min_tokens, strength, start_percent,
                               end_percent, mask_mode, mask=None):
     """The node's function, shared by the classic and the V3 definitions: returns the patched clone."""
@@ -74,6 +78,10 @@ class EfficientAttentionPoP:
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the patched attention (the input model is unchanged).",)
     FUNCTION = "patch"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, backend):
+        return validate_backend(backend)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -111,6 +119,10 @@ def define_v3_node():
                 + [io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP)],
                 outputs=[io.Model.Output(tooltip=EfficientAttentionPoP.OUTPUT_TOOLTIPS[0])],
             )
+
+        @classmethod
+        def validate_inputs(cls, backend):
+            return validate_backend(backend)
 
         @classmethod
         def execute(cls, model, **choices) -> io.NodeOutput:

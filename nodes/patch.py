@@ -52,7 +52,7 @@ class PatchSettings:
 
     def __post_init__(self):
         if self.backend != "auto" and self.backend not in BACKENDS:
-            raise ValueError(f"Unknown attention backend {self.backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+            raise ValueError(backend_problem(self.backend))
         if self.apply_to not in APPLY_TO:
             raise ValueError(f"apply_to must be one of {APPLY_TO}, got {self.apply_to!r}")
         if self.mask_mode not in MASK_MODES:
@@ -403,14 +403,27 @@ def unet_transformer_blocks(diffusion_model):
     return found
 
 
+def usable_backends():
+    """"auto" and the backends that can run on this machine, in the order the node lists them."""
+    return ["auto"] + [name for name, backend in BACKENDS.items() if backend.unavailable_reason() is None]
+
+
+def backend_problem(backend: str) -> Optional[str]:
+    """Why the node cannot use ``backend`` on this machine (None when it can), in words for the node's user."""
+    if backend == "auto" or (backend in BACKENDS and BACKENDS[backend].unavailable_reason() is None):
+        return None
+    choices = ", ".join(usable_backends())
+    if backend not in BACKENDS:
+        return f"{NODE_NAME}: unknown backend {backend!r}; choose one of {choices}"
+    return (f"{NODE_NAME}: backend {backend!r} is not available on this machine "
+            f"({BACKENDS[backend].unavailable_reason()}); choose one of {choices}")
+
+
 def check_choices(settings: PatchSettings, diffusion_model) -> None:
     """Refuse, before sampling starts, a choice that cannot work with this model on this machine."""
-    if settings.backend != "auto":
-        unavailable = BACKENDS[settings.backend].unavailable_reason()
-        if unavailable:
-            usable = ["auto"] + [name for name, backend in BACKENDS.items() if backend.unavailable_reason() is None]
-            raise ValueError(f"{NODE_NAME}: backend {settings.backend!r} is not available on this machine "
-                             f"({unavailable}); choose one of {', '.join(usable)}")
+    problem = backend_problem(settings.backend)
+    if problem:
+        raise ValueError(problem)
     if settings.heads:
         widths = attention_widths(diffusion_model)
         if any(width % settings.heads for width in widths):
