@@ -8,8 +8,6 @@ from __future__ import annotations
 from ..attention.regions import MASK_MODES
 from .patch import APPLY_TO, backend_problem, patch_model, settings_for_model, usable_backends
 
-NODE_ID = "EfficientAttentionPoP"
-DISPLAY_NAME = "Efficient Attention (PoP)"
 CATEGORY = "model_patches/attention"
 DESCRIPTION = (
     "Runs the model's attention through the Efficient Attention (PoP) backends: exact torch SDPA, exact "
@@ -113,7 +111,7 @@ def define_v3_node():
         @classmethod
         def define_schema(cls):
             return io.Schema(
-                node_id=NODE_ID, display_name=DISPLAY_NAME, category=CATEGORY, description=DESCRIPTION,
+                node_id="EfficientAttentionPoP", display_name="Efficient Attention (PoP)", category=CATEGORY, description=DESCRIPTION,
                 inputs=[io.Model.Input("model", tooltip="The diffusion model to patch.")]
                 + [v3_input(*spec) for spec in INPUTS]
                 + [io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP)],

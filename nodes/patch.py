@@ -471,9 +471,10 @@ def patch_model(model, settings: PatchSettings):
             attention_patch.model_function_wrapper(patched.model_options.get("model_function_wrapper")))
     if settings.mask is not None and family.mask_unsupported:
         logger.warning("%s: the mask is not applied to %s: %s", NODE_NAME, family.name, family.mask_unsupported)
-    if not family.cross_attention and settings.apply_to == "cross-attention" and family.others_first is not None:
-        logger.warning("%s: %s uses joint attention (one self-attention call over text and image tokens) and has no "
-                       "separate cross-attention; apply_to=cross-attention patches nothing", NODE_NAME, family.name)
+    if not family.cross_attention and settings.apply_to == "cross-attention":
+        logger.warning("%s: %s attends to its text inside self-attention (joint attention, or text appended to the "
+                       "keys) and has no separate cross-attention; apply_to=cross-attention patches nothing",
+                       NODE_NAME, family.name)
     logger.info("%s: patched %s via %s; backend=%s (min_tokens=%d, other calls auto), heads=%s, layernorm=%s, "
                 "apply_to=%s, strength=%.2f, sigma window [%.4g, %.4g], mask=%s", NODE_NAME, family.name, mechanism,
                 settings.backend, settings.min_tokens, settings.heads or "model's", settings.layernorm,

@@ -95,3 +95,22 @@ def test_example_workflow_is_consistent_with_the_node():
     downstream = [n["type"] for n in workflow["nodes"] if any(i["link"] in ours[0]["outputs"][0]["links"]
                                                               for i in n["inputs"])]
     assert downstream == ["KSampler"]
+
+
+def test_registry_metadata_and_literal_node_ids():
+    """ComfyUI-Manager and the Comfy Registry read the pyproject and find node ids as literal strings."""
+    import re
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    comfy = project["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] == "Efficient Attention (PoP)" and comfy["Icon"]
+    assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"])
+    assert project["project"]["classifiers"] and project["project"]["license"] and project["project"]["urls"]
+    assert not [d for d in project["project"]["dependencies"] if d.split("=")[0].split(">")[0].strip() == "torch"]
+    for path in ("nodes/__init__.py", "nodes/efficient_attention.py"):
+        with open(os.path.join(ROOT, path)) as f:
+            assert '"EfficientAttentionPoP"' in f.read(), path
+    with open(os.path.join(ROOT, "nodes/__init__.py")) as f:
+        assert re.search(r'NODE_CLASS_MAPPINGS = \{"EfficientAttentionPoP":', f.read())
