@@ -7,11 +7,14 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .backends.agent import AgentBackend
 from .backends.base import AttentionCall, Backend
 from .backends.linear import LinearBackend
 from .backends.masked import MaskedBackend
 from .backends.sdpa import SDPABackend
+from .backends.todo import ToDoBackend
 from .heads import merge_heads, qk_layernorm, split_heads
+from .layout import TokenLayout
 from .masks import MaskLike, normalize_mask
 
 BACKENDS: Dict[str, Backend] = {}
@@ -29,6 +32,8 @@ def register_backend(backend: Backend, auto_rank: Optional[int] = None) -> None:
 register_backend(SDPABackend(), auto_rank=0)
 register_backend(MaskedBackend(), auto_rank=1)
 register_backend(LinearBackend())
+register_backend(ToDoBackend())
+register_backend(AgentBackend())
 
 
 def _register_kernels() -> None:
@@ -57,9 +62,16 @@ class Explanation:
         return "\n".join(lines)
 
 
+def backend_options(keywords: Dict[str, object]) -> Dict[str, object]:
+    """The keywords that are some backend's option (e.g. downsample, agents); the rest are ComfyUI's own."""
+    names = {name for backend in BACKENDS.values() for name in backend.option_defaults}
+    return {name: value for name, value in keywords.items() if name in names}
+
+
 def prepare_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None, *,
                  layernorm: bool = False, scale: Optional[float] = None, skip_reshape: bool = False,
-                 is_causal: bool = False, enable_gqa: bool = False) -> AttentionCall:
+                 is_causal: bool = False, enable_gqa: bool = False, layout: Optional[TokenLayout] = None,
+                 options: Optional[Dict[str, object]] = None) -> AttentionCall:
     """Validate the inputs (ValueError naming the shapes and what was expected) and bring them to the
     split-head form every backend takes."""
     qh, kh, vh = split_heads(q, k, v, heads, skip_reshape=skip_reshape, enable_gqa=enable_gqa)
@@ -67,7 +79,8 @@ def prepare_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, 
         qh, kh = qk_layernorm(qh), qk_layernorm(kh)
     batch, h, n, _ = qh.shape
     normalized = normalize_mask(mask, batch, h, n, kh.shape[2], qh.dtype, qh.device)
-    return AttentionCall(qh, kh, vh, normalized, scale, bool(is_causal), bool(enable_gqa) and kh.shape[1] != h)
+    return AttentionCall(qh, kh, vh, normalized, scale, bool(is_causal), bool(enable_gqa) and kh.shape[1] != h,
+                         layout, dict(options or {}))
 
 
 def _choose(call: AttentionCall):
@@ -96,6 +109,10 @@ def select_backend(call: AttentionCall, backend: str = "auto") -> str:
         return _choose(call)[0]
     if backend not in BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+    foreign = sorted(set(call.options) - set(BACKENDS[backend].option_defaults))
+    if foreign:
+        takes = ", ".join(BACKENDS[backend].option_defaults) or "none"
+        raise ValueError(f"Attention backend {backend!r} takes no option {', '.join(foreign)} (its options: {takes})")
     reasons = BACKENDS[backend].not_supported_reasons(call)
     if reasons:
         raise BackendNotSupported(f"Attention backend {backend!r} cannot serve these inputs: " + "; ".join(reasons))
@@ -111,38 +128,42 @@ def run_call(call: AttentionCall, backend: str, skip_output_reshape: bool = Fals
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None,
               attn_precision=None, *, backend: str = "auto", layernorm: bool = False, scale: Optional[float] = None,
               skip_reshape: bool = False, skip_output_reshape: bool = False, is_causal: bool = False,
-              enable_gqa: bool = False, **comfy_kwargs) -> torch.Tensor:
+              enable_gqa: bool = False, layout: Optional[TokenLayout] = None, **keywords) -> torch.Tensor:
     """Multi-head attention, drop-in compatible with ComfyUI's ``optimized_attention``.
 
     q (B, N, H*D), k (B, M, Hkv*D), v (B, M, Hkv*Dv) -> (B, N, H*Dv); with ``skip_reshape`` the inputs
     are (B, H, N, D) / (B, Hkv, M, D|Dv), with ``skip_output_reshape`` the output is (B, H, N, Dv).
     ``mask``: dense bool/additive tensor, RegionMask, or a list of them (see masks.py).
     ``backend``: "auto" (fastest exact backend for these inputs) or a name from ``BACKENDS``.
-    ``attn_precision`` and other ComfyUI keywords (``transformer_options``, ...) are accepted and
-    ignored: every backend accumulates the softmax in fp32.
+    ``layout``: where the image tokens are among the keys (TokenLayout), for backends that need it (todo, agent).
+    ``keywords``: a named backend's options (e.g. ``downsample=2`` for todo; a backend refuses options it does
+    not take, "auto" ignores them); ``attn_precision`` and other ComfyUI keywords (``transformer_options``,
+    ...) are accepted and ignored: every backend accumulates the softmax in fp32.
     """
     call = prepare_call(q, k, v, heads, mask, layernorm=layernorm, scale=scale, skip_reshape=skip_reshape,
-                        is_causal=is_causal, enable_gqa=enable_gqa)
+                        is_causal=is_causal, enable_gqa=enable_gqa, layout=layout,
+                        options=backend_options(keywords) if backend != "auto" else None)
     return run_call(call, select_backend(call, backend), skip_output_reshape)
 
 
 def explain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None, *,
             layernorm: bool = False, scale: Optional[float] = None, skip_reshape: bool = False,
-            is_causal: bool = False, enable_gqa: bool = False) -> Explanation:
+            is_causal: bool = False, enable_gqa: bool = False, layout: Optional[TokenLayout] = None) -> Explanation:
     """Which backend ``attention(..., backend="auto")`` picks for these inputs, and why not the others."""
     call = prepare_call(q, k, v, heads, mask, layernorm=layernorm, scale=scale, skip_reshape=skip_reshape,
-                        is_causal=is_causal, enable_gqa=enable_gqa)
+                        is_causal=is_causal, enable_gqa=enable_gqa, layout=layout)
     return Explanation(*_choose(call))
 
 
 def why_not(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: MaskLike = None, *,
             layernorm: bool = False, scale: Optional[float] = None, skip_reshape: bool = False,
-            is_causal: bool = False, enable_gqa: bool = False) -> List[str]:
+            is_causal: bool = False, enable_gqa: bool = False, layout: Optional[TokenLayout] = None,
+            **options) -> List[str]:
     """Every reason ``backend`` cannot serve these inputs (an empty list when it can)."""
     if backend not in BACKENDS:
         raise ValueError(f"Unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
     call = prepare_call(q, k, v, heads, mask, layernorm=layernorm, scale=scale, skip_reshape=skip_reshape,
-                        is_causal=is_causal, enable_gqa=enable_gqa)
+                        is_causal=is_causal, enable_gqa=enable_gqa, layout=layout, options=options)
     return BACKENDS[backend].not_supported_reasons(call)
 
 

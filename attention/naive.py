@@ -54,3 +54,85 @@ def naive_linear_attention(q, k, v, allowed: Optional[torch.Tensor] = None,
     logits = logits.masked_fill(~allowed[..., None], float("-inf"))
     key_weights = torch.softmax(logits, dim=3).nan_to_num(0.0)  # over the keys each query may see
     return torch.einsum("bhnd,bhnmd,bhme->bhne", q_soft, key_weights, v.double()).to(q.dtype)
+
+
+def _key_bias(key_bias: Optional[torch.Tensor], batch: int, m: int) -> torch.Tensor:
+    """(B, M) float64 additive bias per key (zeros without one)."""
+    return torch.zeros(batch, m, dtype=torch.float64) if key_bias is None else key_bias.double().expand(batch, m)
+
+
+def _grid_index(layout, frame: int, row: int, column: int) -> int:
+    return layout.before + (frame * layout.height + row) * layout.width + column
+
+
+def naive_todo_attention(q, k, v, layout, downsample: int, key_bias: Optional[torch.Tensor] = None,
+                         scale: Optional[float] = None) -> torch.Tensor:
+    """ToDo written out window by window: q (B, H, N, D), k (B, H, M, D), v (B, H, M, Dv) -> (B, H, N, Dv).
+
+    Every downsample x downsample window of every frame of the grid (cut at the edges) becomes one key and
+    one value, the averages of its keys and values weighted by exp(key bias) (1 without ``key_bias``, a
+    (B|1, M) additive bias, -inf = masked), with logit bias log(sum of those weights). Tokens outside the grid
+    keep their own key, value and bias. Then plain softmax attention with the full score matrix, float64.
+    """
+    batch, heads, _, _ = q.shape
+    bias = _key_bias(key_bias, batch, k.shape[2])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outputs = []
+    for b in range(batch):
+        keys, values, logits_bias = [], [], []
+        for index in range(layout.before):
+            keys.append(k[b, :, index].double()), values.append(v[b, :, index].double())
+            logits_bias.append(bias[b, index])
+        for frame in range(layout.frames):
+            for row in range(0, layout.height, downsample):
+                for column in range(0, layout.width, downsample):
+                    window = [_grid_index(layout, frame, r, c)
+                              for r in range(row, min(row + downsample, layout.height))
+                              for c in range(column, min(column + downsample, layout.width))]
+                    weights = torch.exp(bias[b, window])
+                    total = weights.sum()
+                    safe = total if total > 0 else torch.tensor(1.0, dtype=torch.float64)
+                    keys.append((weights[None, :, None] * k[b][:, window].double()).sum(1) / safe)
+                    values.append((weights[None, :, None] * v[b][:, window].double()).sum(1) / safe)
+                    logits_bias.append(torch.log(total))
+        for index in range(layout.before + layout.image_tokens, k.shape[2]):
+            keys.append(k[b, :, index].double()), values.append(v[b, :, index].double())
+            logits_bias.append(bias[b, index])
+        scores = torch.einsum("hnd,mhd->hnm", q[b].double(), torch.stack(keys)) * scale + torch.stack(logits_bias)
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        outputs.append(torch.einsum("hnm,mhd->hnd", weights, torch.stack(values)))
+    return torch.stack(outputs).to(q.dtype)
+
+
+def naive_agent_attention(q, k, v, layout, agent_rows: int, agent_columns: int, agent_scale_power: float,
+                          shortcut: float, key_bias: Optional[torch.Tensor] = None,
+                          scale: Optional[float] = None) -> torch.Tensor:
+    """Agent attention written out: q (B, H, N, D), k (B, H, N, D), v (B, H, N, Dv) on one layout -> (B, H, N, Dv).
+
+    Agents: per frame, an agent_rows x agent_columns grid of query averages over adaptive windows (rows
+    floor(i*h/a) to ceil((i+1)*h/a), likewise columns). Agents attend to every key with the scale (and
+    ``key_bias``, (B|1, M)); image queries attend to the agents with scale ** agent_scale_power, plus
+    shortcut * their own v; queries outside the grid attend to every key. Full score matrices, float64.
+    """
+    batch = q.shape[0]
+    bias = _key_bias(key_bias, batch, k.shape[2])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qd, kd, vd = q.double(), k.double(), v.double()
+    agents = []
+    for frame in range(layout.frames):
+        for i in range(agent_rows):
+            for j in range(agent_columns):
+                rows = range(i * layout.height // agent_rows, -(-(i + 1) * layout.height // agent_rows))
+                columns = range(j * layout.width // agent_columns, -(-(j + 1) * layout.width // agent_columns))
+                window = [_grid_index(layout, frame, r, c) for r in rows for c in columns]
+                agents.append(qd[:, :, window].mean(dim=2))
+    agent = torch.stack(agents, dim=2)  # (B, H, A, D)
+    agent_weights = torch.softmax(torch.einsum("bhad,bhmd->bham", agent, kd) * scale + bias[:, None, None], dim=-1)
+    agent_values = torch.einsum("bham,bhme->bhae", agent_weights.nan_to_num(0.0), vd)
+    out = torch.softmax(torch.einsum("bhnd,bhad->bhna", qd, agent) * scale ** agent_scale_power, dim=-1)
+    out = torch.einsum("bhna,bhae->bhne", out, agent_values) + shortcut * vd
+    exact = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", qd, kd) * scale + bias[:, None, None], dim=-1)
+    exact = torch.einsum("bhnm,bhme->bhne", exact.nan_to_num(0.0), vd)
+    image = torch.zeros(q.shape[2], dtype=torch.bool)
+    image[layout.before:layout.before + layout.image_tokens] = True
+    return torch.where(image[None, None, :, None], out, exact).to(q.dtype)

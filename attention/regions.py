@@ -1,79 +1,19 @@
-"""Image masks as region labels on an attention layer's token grid.
+"""Image masks as region labels on an attention layer's token grid (see layout.py for the grid).
 
-An attention layer of a diffusion model sees the latent as a token sequence: a UNet level downsamples
-it by 1, 2, 4, 8 (each halving rounds up, as a stride-2 convolution with padding 1 does), a DiT cuts it
-into 2x2 patches, a video model keeps the frames axis, and joint-attention models put text tokens in
-front of the image tokens (Flux, SD3, Qwen-Image) or behind them (HunyuanVideo). This module finds that
-layout from the latent's shape and the call's token count, and turns a [B, H, W] mask into the
-per-token labels of a RegionMask; text tokens get label -1 (never masked out).
+A [B, H, W] mask becomes the per-token labels of a RegionMask; tokens outside the image grid (text,
+reference images) get label -1 (never masked out).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .layout import TokenLayout
 from .masks import RegionMask
 
 MASK_MODES = ("keys inside mask", "keys outside mask", "isolate regions")
-MAX_DOWNSAMPLE_LEVELS = 6
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the image tokens of one attention call are: ``before`` other tokens (e.g. text), then a
-    frames x height x width grid, then ``after`` other tokens (e.g. text, or reference-image tokens)."""
-
-    frames: int
-    height: int
-    width: int
-    before: int = 0
-    after: int = 0
-
-    @property
-    def image_tokens(self) -> int:
-        return self.frames * self.height * self.width
-
-
-def _halvings(height: int, width: int):
-    for _ in range(MAX_DOWNSAMPLE_LEVELS):
-        yield height, width
-        height, width = math.ceil(height / 2), math.ceil(width / 2)
-
-
-def find_token_layout(latent_shape: Sequence[int], tokens: int, patch_size: Optional[int] = None,
-                      others_first: Optional[bool] = None, text_tokens: Optional[int] = None,
-                      temporal_patch: int = 1) -> Optional[TokenLayout]:
-    """The layout of a ``tokens``-long sequence made from a latent of ``latent_shape``, or None if none fits.
-
-    latent_shape: (B, C, H, W) or (B, C, T, H, W). Without ``patch_size`` (a UNet) the image grid is the
-    latent downsampled 1, 2, 4, ... times and must account for every token. With ``patch_size`` (a DiT)
-    the grid is ceil(T/temporal_patch) x ceil(H/p) x ceil(W/p); other tokens (joint text, register tokens,
-    reference images) are allowed only where ``others_first`` says where they go: True puts ``text_tokens``
-    (default: all others) before the image and any remaining tokens (reference images) after it; False
-    puts all others after it; None allows none.
-    """
-    if len(latent_shape) not in (4, 5):
-        return None
-    frames = latent_shape[2] if len(latent_shape) == 5 else 1
-    height, width = latent_shape[-2], latent_shape[-1]
-    if patch_size is None:
-        for h, w in _halvings(height, width):
-            if frames * h * w == tokens:
-                return TokenLayout(frames, h, w)
-        return None
-    grid = TokenLayout(math.ceil(frames / temporal_patch), math.ceil(height / patch_size),
-                       math.ceil(width / patch_size))
-    others = tokens - grid.image_tokens
-    if others < 0 or (others > 0 and others_first is None):
-        return None
-    before = (others if text_tokens is None else text_tokens) if others_first else 0
-    if before > others:
-        return None
-    return TokenLayout(grid.frames, grid.height, grid.width, before, others - before)
 
 
 def inside_mask(mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

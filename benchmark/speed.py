@@ -194,6 +194,8 @@ def _candidates(workload: Workload, q, k, v, region, dense, include_naive: bool,
     yield "torch SDPA", lambda: torch_sdpa(q, k, v, h, dense)
     mask_forms = [dense] if region is dense else [dense, region]
     for name in backends or BACKENDS:
+        if BACKENDS[name].slow_reason():
+            continue
         for mask in mask_forms:
             if why_not(name, q, k, v, h, mask):
                 continue

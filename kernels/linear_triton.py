@@ -94,6 +94,9 @@ class LinearTritonBackend(Backend):
     def unavailable_reason(self) -> Optional[str]:
         return triton_support.triton_unavailable_reason()
 
+    def slow_reason(self) -> Optional[str]:
+        return triton_support.interpreted_reason()
+
     def not_supported_reasons(self, call: AttentionCall) -> List[str]:
         reasons = super().not_supported_reasons(call)
         reasons += triton_support.call_reasons(call)

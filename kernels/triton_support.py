@@ -44,6 +44,13 @@ def triton_unavailable_reason() -> Optional[str]:
     return None
 
 
+def interpreted_reason() -> Optional[str]:
+    """Why the kernels run here only as a correctness check (TRITON_INTERPRET on CPU), else None."""
+    if interpreter_requested() and not torch.cuda.is_available():
+        return f"runs through Triton's CPU interpreter ({INTERPRET_ENV}=1): a correctness check, not a speed"
+    return None
+
+
 def _triton_imported_compiled() -> bool:
     """True when ``triton`` was already imported without TRITON_INTERPRET, so its own library compiles for GPUs."""
     standard = sys.modules.get("triton.language.standard")

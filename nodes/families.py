@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
-from ..attention.regions import TokenLayout, find_token_layout
+from ..attention.layout import TokenLayout, find_token_layout
 
 
 @dataclass(frozen=True)

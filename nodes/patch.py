@@ -24,7 +24,8 @@ import torch
 
 from ..attention import BACKENDS, BackendNotSupported, RegionMask, prepare_call, run_call, select_backend
 from ..attention.backends.base import tracing
-from ..attention.regions import MASK_MODES, QUERY_PLACES_NEEDED, TokenLayout, region_mask_for_layout
+from ..attention.layout import TokenLayout
+from ..attention.regions import MASK_MODES, QUERY_PLACES_NEEDED, region_mask_for_layout
 from .comfy_call import ComfyAttentionCall, read_call
 from .families import ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family
 

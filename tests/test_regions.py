@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from efficient_attention_pop.attention import RegionMask, attention
-from efficient_attention_pop.attention.regions import (TokenLayout, find_token_layout, inside_mask, labels_for_mode,
-                                                       region_mask_for_layout)
+from efficient_attention_pop.attention.layout import TokenLayout, find_token_layout
+from efficient_attention_pop.attention.regions import inside_mask, labels_for_mode, region_mask_for_layout
 
 
 @pytest.mark.parametrize("latent, tokens, grid", [

@@ -1,11 +1,12 @@
 """What every backend is: a small class that declares what it supports and says why not."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..layout import TokenLayout
 from ..masks import NormalizedMask
 
 
@@ -14,6 +15,8 @@ class AttentionCall:
     """One attention call in split-head form, after validation.
 
     q: (B, H, N, D); k: (B, Hkv, M, D); v: (B, Hkv, M, Dv); Hkv == H unless enable_gqa.
+    layout: where the image tokens are among the keys (and the queries, for self-attention), if known.
+    options: backend options by name (e.g. downsample=2); a backend reads its own through Backend.option.
     """
 
     q: torch.Tensor
@@ -23,6 +26,8 @@ class AttentionCall:
     scale: Optional[float] = None
     is_causal: bool = False
     enable_gqa: bool = False
+    layout: Optional[TokenLayout] = None
+    options: Dict[str, object] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -41,10 +46,21 @@ class Backend:
     description: str = ""
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     devices = ("cpu", "cuda")
+    option_defaults: Dict[str, object] = {}  # the options this backend takes, with their defaults
+    benchmark_options: Tuple[Dict[str, object], ...] = ({},)  # the option sets the quality benchmark measures
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run in this environment at all (None when it can)."""
         return None
+
+    def slow_reason(self) -> Optional[str]:
+        """Why this backend runs here, but only as a correctness check, not at speed (None when it runs at speed);
+        benchmarks leave such backends out and say why."""
+        return None
+
+    def option(self, call: "AttentionCall", name: str):
+        """The call's value of one of this backend's options, or its default."""
+        return call.options.get(name, self.option_defaults[name])
 
     def not_supported_reasons(self, call: AttentionCall) -> List[str]:
         """Every reason this backend cannot serve ``call`` (empty when it can)."""
