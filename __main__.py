@@ -1,4 +1,4 @@
-"""Command line: ``python -m efficient_attention_pop bench|info`` (also the ``efficient-attention-pop`` script)."""
+"""Command line: ``python -m efficient_attention_pop bench|quality|info`` (also the ``efficient-attention-pop`` script)."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,50 @@ def bench(args) -> int:
     return 0
 
 
+def quality(args) -> int:
+    import json
+
+    from .benchmark.quality import DEFAULT_SIZES, QUICK, QUICK_SIZES, QualitySetup, format_table, rows_as_json, run
+
+    if args.comfyui_model:
+        from .benchmark.comfy_quality import run_on_comfyui_model
+
+        return run_on_comfyui_model(args)
+    from .attention import BACKENDS
+
+    unknown = [b for b in args.backends or [] if b not in BACKENDS]
+    if unknown:
+        print(f"error: unknown backend(s) {unknown}; choose from {list(BACKENDS)}", file=sys.stderr)
+        return 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    from .benchmark.proxy import load_proxy_model
+
+    setup = QUICK if args.quick else QualitySetup()
+    if args.repeats is not None:
+        setup = QualitySetup(setup.classes, setup.steps, setup.seed, setup.guidance, args.repeats)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    model = load_proxy_model(args.device)
+    print(f"efficient_attention_pop quality: proxy DiT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          f"parameters, trained at 32 px), {len(setup.classes)} images, {setup.steps} steps, guidance "
+          f"{setup.guidance}, sizes {list(sizes)} px, device={args.device}, torch {torch.__version__}, "
+          f"threads={torch.get_num_threads()}")
+    started = time.perf_counter()
+    rows, notes = run(model, sizes, setup, args.backends)
+    print(format_table(rows))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"speedup = exact time / backend time of one guided denoiser call at t=0.5, attention calls and whole "
+          f"denoiser, median of {setup.repeats} interleaved rounds; PSNR/SSIM: final images vs the exact images "
+          f"from the same noise; attn cosine / rel L2: mean over layers along the exact trajectory; total "
+          f"{time.perf_counter() - started:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows_as_json(rows), f, indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="efficient-attention-pop",
                                      description="Efficient Attention (PoP): benchmark and environment report")
@@ -85,6 +129,22 @@ def main(argv=None) -> int:
                               help="run each workload without a mask, with one, or both")
     bench_parser.add_argument("--quick", action="store_true", help="SD1.5 512px presets only; under a minute on 2 cores")
     bench_parser.set_defaults(func=bench)
+    quality_parser = sub.add_parser(
+        "quality", help="how far each backend moves the images of a trained model, beside its speed")
+    quality_parser.add_argument("--quick", action="store_true",
+                                help="2 images, 8 steps, 32 and 64 px, one timing round (under 3 min on 2 cores)")
+    quality_parser.add_argument("--size", dest="sizes", type=int, action="append",
+                                help="image size in pixels (repeatable); default 32, 64 and 128 (1x, 4x, 16x the "
+                                     "training token count)")
+    quality_parser.add_argument("--backend", dest="backends", action="append",
+                                help="measure only this backend (repeatable); default every backend")
+    quality_parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 3, 1 quick)")
+    quality_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    quality_parser.add_argument("--json", help="also write the rows to this file, one JSON object per row")
+    quality_parser.add_argument("--comfyui-model", metavar="FILE",
+                                help="measure a diffusion model file of your own instead, loaded by ComfyUI "
+                                     "(needs ComfyUI importable: run inside ComfyUI's Python or set COMFYUI_PATH)")
+    quality_parser.set_defaults(func=quality)
     info_parser = sub.add_parser("info", help="versions, device, and which backends are available here")
     info_parser.set_defaults(func=info)
     args = parser.parse_args(argv)

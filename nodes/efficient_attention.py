@@ -15,38 +15,55 @@ DESCRIPTION = (
     "input model is unchanged, so bypassing this node restores the original attention.")
 BACKEND_CHOICES = usable_backends()  # what this machine can run; a saved workflow's other choice is refused, with why
 
-# (name, kind, options, tooltip); kind is the classic ComfyUI type name.
+# (name, kind, options, tooltip) in the order the node shows them: the backend and its own options, where it
+# applies, when in the schedule, the mask, and last the rarely changed heads and layernorm. kind is the classic
+# ComfyUI type name.
 INPUTS = [
     ("backend", "COMBO", {"default": "auto", "options": BACKEND_CHOICES},
-     "auto: the fastest exact backend for each call. sdpa: exact, torch scaled_dot_product_attention. masked: exact, "
-     "takes every mask form without a full score matrix. linear: Efficient Attention (Shen et al. 2021), linear in "
-     "tokens: much faster at high resolution but APPROXIMATE: it changes the output of models trained with softmax "
-     "attention. *_triton: fused GPU kernels, where Triton and CUDA are available."),
-    ("heads", "INT", {"default": 0, "min": 0, "max": 256, "step": 1},
-     "0 = each layer's own head count. Otherwise q/k/v are split into this many heads; it must divide every "
-     "patched layer's channels, or sampling stops with a 'Mismatch in tensor dimensions' error."),
-    ("layernorm", "BOOLEAN", {"default": False},
-     "QK layernorm: normalise q and k per head (no affine parameters) before attention. Changes the output; "
-     "can tame attention in very long sequences."),
+     "auto: the fastest exact backend for each call. sdpa: exact, torch scaled_dot_product_attention. masked: "
+     "exact, every mask form without a full score matrix. todo: APPROXIMATE, keys and values pooled on the image "
+     "grid (ToDo): faster at high resolution, close to exact. agent: APPROXIMATE, agent attention. linear: "
+     "APPROXIMATE, Efficient Attention (Shen et al. 2021), O(N), changes the image of models trained with softmax "
+     "attention. *_triton: fused GPU kernels. Only the backends this machine can run are listed; a workflow saved "
+     "with another one stops at this node with the reason."),
+    ("downsample", "INT", {"default": 2, "min": 2, "max": 4, "step": 1},
+     "Only for todo: keys and values are averaged over downsample x downsample image tokens (2: 4x fewer keys, "
+     "4: 16x fewer). Higher is faster and further from exact."),
+    ("agents", "INT", {"default": 256, "min": 16, "max": 4096, "step": 16},
+     "Only for agent: the number of agent tokens per frame (pooled from the queries). More is slower and closer."),
+    ("max_error", "FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.01},
+     "Only for approximate backends: the quality guard. 0 = off. Otherwise each layer's approximation is measured "
+     "against exact attention in the first step of every run (that step runs exact, so it costs a little more) "
+     "and kept only on layers whose relative error is at most this; one layer per step is measured again. The "
+     "log shows a table of the layers."),
+    ("strength", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01},
+     "Only for approximate backends: out = exact + strength * (approx - exact). 1.0 computes only the "
+     "approximation; below 1 both run (slower than exact). Ignored by exact backends."),
     ("apply_to", "COMBO", {"default": "both", "options": list(APPLY_TO)},
-     "Which attention calls to patch. UNets (SD1.x, SDXL): self-attention = image to image, cross-attention = image "
-     "to text. Joint-attention DiTs (Flux, SD3, HunyuanVideo, Qwen-Image) make one self-attention call over text "
-     "and image tokens together: self-attention and both patch it, cross-attention patches nothing there."),
+     "Which attention calls to patch. UNets (SD1.x, SDXL), Wan, LTXV, Cosmos: self-attention = image to image, "
+     "cross-attention = image to text. Joint-attention DiTs (Flux, SD3, HunyuanVideo, Qwen-Image) make one "
+     "self-attention call over text and image tokens together: self-attention and both patch it, cross-attention "
+     "patches nothing there. todo and agent serve self-attention only; other calls run exact."),
     ("min_tokens", "INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64},
      "Use the chosen backend only in calls with at least this many query tokens; smaller calls run exact (auto). "
-     "E.g. 4096 applies linear only to the highest-resolution SD1.5 layers at 512px."),
-    ("strength", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01},
-     "For an approximate backend (linear): out = exact + strength * (approx - exact). 1.0 computes only the "
-     "approximation; below 1 both run. Ignored by exact backends."),
+     "E.g. 4096 applies it only to the highest-resolution SD1.5 layers at 512px."),
     ("start_percent", "FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001},
      "Part of the denoising schedule where the patch is active: from here..."),
     ("end_percent", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001},
-     "...to here. Outside it the model's own attention runs (e.g. linear only in the middle of sampling)."),
+     "...to here. Outside it the model's own attention runs (e.g. an approximation only in the middle of "
+     "sampling)."),
     ("mask_mode", "COMBO", {"default": "isolate regions", "options": list(MASK_MODES)},
      "Only with a mask. keys inside mask: every image token attends only to image tokens inside the mask. keys "
      "outside mask: only to those outside. isolate regions: tokens inside attend only inside, outside only outside "
      "(keeps two subjects from bleeding into each other). Attention to text is never masked."),
+    ("heads", "INT", {"default": 0, "min": 0, "max": 256, "step": 1},
+     "0 = each layer's own head count (what the model was trained with). Otherwise q/k/v are split into this many "
+     "heads; it must divide every attention width of the model, which the node checks when it runs."),
+    ("layernorm", "BOOLEAN", {"default": False},
+     "QK layernorm: normalise q and k per head (no affine parameters) before attention. Changes the output; "
+     "can tame attention in very long sequences."),
 ]
+BACKEND_OPTIONS = {"downsample": "todo", "agents": "agent"}  # node input -> the backend it is an option of
 MASK_TOOLTIP = ("Optional region mask (white = inside), resized to each attention layer's token grid; it shapes "
                 "image-to-image attention only. Batch 1 applies to every image; a larger batch is matched to the "
                 "latent batch.")
@@ -58,13 +75,16 @@ def validate_backend(backend):
     return backend_problem(backend) or True
 
 
-def apply_efficient_attention(model, backend, heads, layernorm, apply_to, min_tokens, strength, start_percent,
-                              end_percent, mask_mode, mask=None):
+def apply_efficient_attention(model, backend, downsample=2, agents=256, max_error=0.0, strength=1.0,
+                              apply_to="both", min_tokens=0, start_percent=0.0, end_percent=1.0,
+                              mask_mode="isolate regions", heads=0, layernorm=False, mask=None):
     """The node's function, shared by the classic and the V3 definitions: returns the patched clone."""
+    choices = {"downsample": downsample, "agents": agents}
+    options = {name: value for name, value in choices.items() if BACKEND_OPTIONS[name] == backend}
     settings = settings_for_model(
         model, start_percent=start_percent, end_percent=end_percent, backend=backend, heads=heads,
         layernorm=layernorm, apply_to=apply_to, min_tokens=min_tokens, strength=strength, mask=mask,
-        mask_mode=mask_mode)
+        mask_mode=mask_mode, options=options, max_error=max_error)
     return patch_model(model, settings)
 
 

@@ -117,6 +117,11 @@ class ModelCall:
     unplaceable: Optional[str] = None  # why a mask cannot be placed in this model call (e.g. a reference latent)
     reached: bool = False  # some attention call of this model call reached the override
     tied_calls: Dict[int, int] = field(default_factory=dict)  # calls per token count where self/cross tie
+    served_calls: int = 0  # calls the node's approximation was asked for so far (the quality guard's layer index)
+
+    def next_served_call(self) -> int:
+        self.served_calls += 1
+        return self.served_calls - 1
 
     def tie_break(self, tokens: int) -> bool:
         """For calls whose query, key and text token counts are all equal: True for self-attention.

@@ -17,7 +17,7 @@ importing this module needs no ComfyUI.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Optional
 
 import torch
@@ -28,6 +28,7 @@ from ..attention.layout import TokenLayout
 from ..attention.regions import MASK_MODES, QUERY_PLACES_NEEDED, region_mask_for_layout
 from .comfy_call import ComfyAttentionCall, read_call
 from .families import ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family
+from .guard import QualityGuard, relative_error
 
 logger = logging.getLogger("efficient_attention_pop")
 
@@ -50,6 +51,8 @@ class PatchSettings:
     sigma_end: float = 0.0
     mask: Optional[torch.Tensor] = None  # ComfyUI MASK, (B, H, W) or (H, W)
     mask_mode: str = "isolate regions"
+    options: Dict[str, object] = field(default_factory=dict)  # the chosen backend's options (e.g. downsample)
+    max_error: float = 0.0  # quality guard bound on an approximation's per-layer relative error; 0 = off
 
     def __post_init__(self):
         if self.backend != "auto" and self.backend not in BACKENDS:
@@ -61,9 +64,10 @@ class PatchSettings:
         if self.mask is not None and (not isinstance(self.mask, torch.Tensor) or self.mask.ndim not in (2, 3)):
             shape = tuple(self.mask.shape) if isinstance(self.mask, torch.Tensor) else type(self.mask).__name__
             raise ValueError(f"Mask of shape {shape}: expected ComfyUI's [B, H, W] or [H, W] MASK")
-        if self.heads < 0 or self.min_tokens < 0 or not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"heads and min_tokens must be >= 0 and strength in [0, 1]; got heads={self.heads}, "
-                             f"min_tokens={self.min_tokens}, strength={self.strength}")
+        if self.heads < 0 or self.min_tokens < 0 or not 0.0 <= self.strength <= 1.0 or self.max_error < 0:
+            raise ValueError(f"heads, min_tokens and max_error must be >= 0 and strength in [0, 1]; got "
+                             f"heads={self.heads}, min_tokens={self.min_tokens}, max_error={self.max_error}, "
+                             f"strength={self.strength}")
 
     @property
     def full_window(self) -> bool:
@@ -107,12 +111,15 @@ class AttentionPatch:
         self._regions: Dict[tuple, Optional[RegionMask]] = {}
         self._logged = set()
         self._deferred = []  # (level, message) logged while torch.compile traced; written after the model call
+        self.guard = QualityGuard(settings.max_error)
+        self._run_marker = None  # the schedule of the sampling run in progress (a new one starts a new guard run)
 
     def __deepcopy__(self, memo):
         return self
 
     # ---- once per model call ----
-    def begin_model_call(self, latent: torch.Tensor, sigmas, context, extra_conds: dict) -> ModelCall:
+    def begin_model_call(self, latent: torch.Tensor, sigmas, context, extra_conds: dict,
+                         transformer_options: dict) -> ModelCall:
         """Decide what every attention call of one model call reads (the only place a tensor becomes a number)."""
         settings, family = self.settings, self.family
         active = True
@@ -125,6 +132,9 @@ class AttentionPatch:
             extra = extra_conds.get(keyword)
             if isinstance(extra, torch.Tensor) and extra.ndim >= 2:
                 context_tokens.add(extra.shape[-2])
+        if self.guard.active and transformer_options.get("sample_sigmas") is not self._run_marker:
+            self._run_marker = transformer_options.get("sample_sigmas")  # a new sampling run: calibrate again
+            self.guard.start_run()
         changing = [keyword for keyword in family.layout_changing_keywords if extra_conds.get(keyword) is not None]
         unplaceable = f"with {changing[0]} its tokens are laid out in a way this pack cannot place" if changing else None
         return ModelCall(tuple(latent.shape), frozenset(context_tokens), text_tokens, active, unplaceable)
@@ -132,6 +142,11 @@ class AttentionPatch:
     def end_model_call(self, model_call: ModelCall) -> None:
         while self._deferred:
             logger.log(*self._deferred.pop(0))
+        if self.guard.active:
+            table = self.guard.end_model_call()
+            if table:
+                logger.info("%s quality guard, the layers of this run (measured in its first step):\n%s", NODE_NAME,
+                            table)
         if not model_call.reached:
             self._warn_once("unreached", f"{NODE_NAME}: this {self.family.name} model made no attention call "
                             "through ComfyUI's attention override, so the node has no effect on it (families such "
@@ -141,7 +156,7 @@ class AttentionPatch:
         """ComfyUI's keyed APPLY_MODEL wrapper: the ModelCall, and this patch re-installed in front of an
         override that a node placed after this one put in its place."""
         options = dict(transformer_options)
-        model_call = self.begin_model_call(x, options.get("sigmas", t), c_crossattn, kwargs)
+        model_call = self.begin_model_call(x, options.get("sigmas", t), c_crossattn, kwargs, options)
         options[self.state_key] = model_call
         current = options.get("optimized_attention_override")
         if self.uses_override and not (isinstance(current, ChainedOverride) and current.reaches(self)):
@@ -159,13 +174,14 @@ class AttentionPatch:
         def wrapper(apply_model, args):
             c = dict(args["c"])
             options = dict(c.get("transformer_options") or {})
-            options[self.state_key] = self.begin_model_call(args["input"], options.get("sigmas", args["timestep"]),
-                                                            c.get("c_crossattn"), c)
+            model_call = self.begin_model_call(args["input"], options.get("sigmas", args["timestep"]),
+                                               c.get("c_crossattn"), c, options)
+            options[self.state_key] = model_call
             c["transformer_options"] = options
             args = dict(args, c=c)
-            if previous is not None:
-                return previous(apply_model, args)
-            return apply_model(args["input"], args["timestep"], **c)
+            out = previous(apply_model, args) if previous is not None else apply_model(args["input"], args["timestep"], **c)
+            self.end_model_call(model_call)
+            return out
 
         return wrapper
 
@@ -250,20 +266,45 @@ class AttentionPatch:
                 q, k, v = (t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in (q, k, v))
         try:
             prepared = prepare_call(q, k, v, heads, masks or None, layernorm=settings.layernorm, scale=call.scale,
-                                    skip_reshape=call.skip_reshape and not regroup, enable_gqa=call.enable_gqa)
+                                    skip_reshape=call.skip_reshape and not regroup, enable_gqa=call.enable_gqa,
+                                    layout=layouts[1] if is_self_attention else None, options=settings.options)
         except ValueError as error:
             self._log_once(("unreadable", str(error)), f"{NODE_NAME}: cannot serve a call ({error}); such calls are "
                            "passed on unchanged")
             return None
         name = self._backend_for(call, prepared)
         skip_output_reshape = call.skip_output_reshape and not regroup
-        out = run_call(prepared, name, skip_output_reshape)
-        if not BACKENDS[name].exact and settings.strength < 1.0:
-            out = torch.lerp(run_call(prepared, select_backend(prepared), skip_output_reshape), out, settings.strength)
+        if not BACKENDS[name].exact:
+            out = self._approximation(call, prepared, name, model_call, skip_output_reshape)
+        else:
+            out = run_call(prepared, name, skip_output_reshape)
         if regroup and call.skip_output_reshape:  # back to the caller's heads: (B, N, C) -> (B, H, N, C/H)
             b, n, c = out.shape
             out = out.view(b, n, call.heads, c // call.heads).transpose(1, 2)
         return out
+
+    def _approximation(self, call: ComfyAttentionCall, prepared, name: str, model_call: Optional[ModelCall],
+                       skip_output_reshape: bool) -> torch.Tensor:
+        """An approximate backend's output, blended by strength and kept only where the quality guard allows."""
+        guard, strength = self.guard, self.settings.strength
+
+        def exact():
+            return run_call(prepared, select_backend(prepared), skip_output_reshape)
+
+        def approximate(exact_out=None):
+            out = run_call(prepared, name, skip_output_reshape)
+            if strength < 1.0:
+                out = torch.lerp(exact() if exact_out is None else exact_out, out, strength)
+            return out
+
+        if not guard.active or model_call is None:
+            return approximate()
+        key = (model_call.next_served_call(), call.query_tokens, call.key_tokens)
+        if guard.should_measure(key):
+            exact_out = exact()
+            guard.record(key, call.query_tokens, relative_error(approximate(exact_out), exact_out))
+            return exact_out
+        return approximate() if guard.uses_approximation(key) else exact()
 
     def _backend_for(self, call: ComfyAttentionCall, prepared) -> str:
         """The chosen backend where it may and can serve the call; else the fastest exact one (auto)."""

@@ -2,7 +2,8 @@
 
 For each family: backend sdpa gives the unpatched output and serves exactly the calls that reach the override
 (as many as reach ComfyUI's own wrap_attn); linear runs, is finite and changes the output; a two-region MASK is
-applied where the family's token layout is known and otherwise declined with one warning naming the family;
+applied where the family's token layout is known and otherwise declined with one warning naming the family,
+and todo serves the image self-attention calls there;
 the node's heads option works both ways (0 = the model's own, 1 = a divisor of every width) and one that
 divides no width is refused when the node runs, with every width the calls use known beforehand.
 """
@@ -88,6 +89,12 @@ def test_family(comfy, case, monkeypatch, caplog):
         assert _relative_difference(masked, out) > changed or not attention_matters
         for region in regions:  # image keys are labelled, text keys (-1) never masked: as many as image queries
             assert (region.key_labels >= 0).sum(1).tolist() == (region.query_labels >= 0).sum(1).tolist()
+
+    log.calls.clear()
+    pooled = zoo.run_model(patched(model, backend="todo"), inputs)
+    assert torch.isfinite(pooled).all()
+    if case.name not in MASK_DECLINED:  # where the layout is known, todo serves the image self-attention calls
+        assert "todo" in log.backends()
 
     log.calls.clear()
     one_head = zoo.run_model(patched(model, backend="sdpa", heads=1), inputs)

@@ -173,8 +173,9 @@ def test_v3_node_is_registered_and_behaves_like_the_classic_one(comfy, flux, flu
     assert issubclass(node, io.ComfyNode)
     schema = node.GET_SCHEMA()
     assert schema.display_name == "Efficient Attention (PoP)" and schema.category == "model_patches/attention"
-    assert [i.id for i in schema.inputs] == ["model", "backend", "heads", "layernorm", "apply_to", "min_tokens",
-                                             "strength", "start_percent", "end_percent", "mask_mode", "mask"]
+    assert [i.id for i in schema.inputs] == ["model", "backend", "downsample", "agents", "max_error", "strength",
+                                             "apply_to", "min_tokens", "start_percent", "end_percent", "mask_mode",
+                                             "heads", "layernorm", "mask"]
     assert all(i.tooltip for i in schema.inputs)
     classic = node.INPUT_TYPES()  # V3 nodes also answer the classic query
     assert "mask" in classic["optional"] and classic["required"]["backend"][1]["default"] == "auto"

@@ -1,0 +1,270 @@
+"""Quality benchmark: how far each backend moves the images of a model with learned attention, beside its speed.
+
+The model is the proxy DiT of benchmark/proxy (trained here on photographs: local, sharp, learned attention;
+Flux-like joint attention over 4 class tokens and the image tokens). For each image size it samples a few
+images (fixed noise, classes and steps) with exact attention and with every backend and option set the pack
+has (``Backend.benchmark_options``), and reports:
+
+- PSNR and SSIM of each final image against the exact image from the same noise (exact backends give the
+  float noise floor);
+- the mean, over layers, of the attention output's cosine similarity and relative L2 error against exact
+  attention, on the same q, k, v along the exact trajectory (every step, every layer);
+- attention time and whole-denoiser time, as exact / backend, from one denoiser call at t = 0.5, timed
+  interleaved with the exact model in the same run (median of the rounds).
+
+The proxy is a small model trained on a few photographs: it ranks methods and shows the size of their
+errors; it is not FID on SDXL. ``quality --comfyui-model`` measures a user's own model (comfy_quality.py).
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import BACKENDS, TokenLayout, attention, why_not
+from .metrics import cosine, psnr_db, relative_l2, ssim
+
+EXACT = "exact"  # the model's own attention (torch SDPA): the reference every row is measured against
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One backend with one option set."""
+
+    backend: str
+    options: Tuple[Tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return " ".join([self.backend] + [f"{name}={value}" for name, value in self.options])
+
+    def attention_fn(self) -> Callable:
+        """The proxy model's attention hook running this backend: (q, k, v, layout, layer) -> out, all (B, H, N, D)."""
+        options = dict(self.options)
+
+        def run(q, k, v, layout, layer_index):
+            return attention(q, k, v, q.shape[1], backend=self.backend, layout=layout, skip_reshape=True,
+                             skip_output_reshape=True, **options)
+
+        return run
+
+
+@dataclass
+class QualityRow:
+    """One row of the table; the JSON output has one object per row with these keys."""
+
+    backend: str
+    options: Dict[str, object]
+    exact: bool
+    image_size: int
+    tokens: int
+    attention_speedup: float
+    denoiser_speedup: float
+    psnr_db: float
+    ssim: float
+    attn_cosine: float
+    attn_rel_l2: float
+
+
+@dataclass(frozen=True)
+class QualitySetup:
+    """What is sampled: classes (one image each) with fixed noise seed, steps and guidance."""
+
+    classes: Tuple[int, ...] = (1, 2, 8, 12)
+    steps: int = 12
+    seed: int = 0
+    guidance: float = 2.0
+    repeats: int = 3
+
+
+QUICK = QualitySetup(classes=(1, 8), steps=8, repeats=1)
+DEFAULT_SIZES = (32, 64, 128)  # 1x, 4x and 16x the training token count (256 image tokens at 32 px)
+QUICK_SIZES = (32, 64)
+
+
+def variants(backends: Optional[Sequence[str]] = None) -> Tuple[List[Variant], List[str]]:
+    """Every backend's benchmark option sets (or those of ``backends``), and notes on the backends left out."""
+    chosen, notes = [], []
+    for name, backend in BACKENDS.items():
+        if backends is not None and name not in backends:
+            continue
+        reason = backend.unavailable_reason() or backend.slow_reason()
+        if reason:
+            notes.append(f"{name}: not measured ({reason})")
+            continue
+        chosen.extend(Variant(name, tuple(sorted(options.items()))) for options in backend.benchmark_options)
+    return chosen, notes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class LayerErrors:
+    """Per variant and layer: the sums of cosine and relative L2 over the calls seen, and their count."""
+
+    sums: Dict[Tuple[str, int], List[float]] = field(default_factory=dict)
+
+    def add(self, label: str, layer: int, out: torch.Tensor, exact: torch.Tensor) -> None:
+        entry = self.sums.setdefault((label, layer), [0.0, 0.0, 0])
+        entry[0] += cosine(out, exact)
+        entry[1] += relative_l2(out, exact)
+        entry[2] += 1
+
+    def mean(self, label: str) -> Tuple[float, float]:
+        """Mean over layers of each layer's mean cosine and relative L2."""
+        layers = [entry for (name, _), entry in self.sums.items() if name == label]
+        return (statistics.fmean(e[0] / e[2] for e in layers), statistics.fmean(e[1] / e[2] for e in layers))
+
+
+def sample(model, setup: QualitySetup, size: int, attention_fn: Optional[Callable]) -> torch.Tensor:
+    """The setup's images at ``size`` pixels with ``attention_fn`` (None: exact) -> (B, 3, size, size) in [0, 1]."""
+    from .proxy import sample_images
+
+    images = sample_images(model, setup.classes, size=size, steps=setup.steps, seed=setup.seed,
+                           attention_fn=attention_fn, guidance=setup.guidance)
+    return (images.float().cpu() + 1) / 2
+
+
+def exact_trajectory(model, setup: QualitySetup, size: int, measured: List[Variant]) -> Tuple[torch.Tensor, LayerErrors]:
+    """The exact images, and every variant's attention error on the exact trajectory's q, k, v."""
+    errors = LayerErrors()
+    functions = [(variant.label, variant.attention_fn()) for variant in measured]
+
+    def measuring(q, k, v, layout, layer_index):
+        exact = F.scaled_dot_product_attention(q, k, v)
+        for label, function in functions:
+            errors.add(label, layer_index, function(q, k, v, layout, layer_index), exact)
+        return exact
+
+    return sample(model, setup, size, measuring), errors
+
+
+def time_denoiser(model, setup: QualitySetup, size: int, measured: List[Variant], progress=None
+                  ) -> Dict[str, Tuple[float, float]]:
+    """label -> (median attention seconds, median denoiser seconds) of one guided denoiser call at t = 0.5,
+    rounds interleaved across the exact model and every variant (one warm-up call each first)."""
+    parameter = next(model.parameters())
+    device = parameter.device
+    batch = 2 * len(setup.classes) if setup.guidance != 1.0 else len(setup.classes)
+    gen = torch.Generator().manual_seed(setup.seed + 1)
+    x = torch.randn(batch, model.config.channels, size, size, generator=gen).to(device=device, dtype=parameter.dtype)
+    t = torch.full((batch,), 0.5, device=device)
+    labels = torch.arange(batch, device=device) % (model.config.num_classes + 1)
+    functions = {EXACT: lambda q, k, v, layout, layer_index: F.scaled_dot_product_attention(q, k, v)}
+    functions.update((variant.label, variant.attention_fn()) for variant in measured)
+    times: Dict[str, List[Tuple[float, float]]] = {label: [] for label in functions}
+
+    def timed(function, spent):
+        def run(q, k, v, layout, layer_index):
+            _sync(device)
+            start = time.perf_counter()
+            out = function(q, k, v, layout, layer_index)
+            _sync(device)
+            spent[0] += time.perf_counter() - start
+            return out
+        return run
+
+    labels_in_order = list(functions)
+    with torch.no_grad():
+        for round_index in range(setup.repeats + 1):
+            shift = round_index % len(labels_in_order)
+            for label in labels_in_order[shift:] + labels_in_order[:shift]:
+                if progress is not None:
+                    progress(f"timing {label} ({round_index}/{setup.repeats})")
+                spent = [0.0]
+                _sync(device)
+                start = time.perf_counter()
+                model(x, t, labels, attention_fn=timed(functions[label], spent))
+                _sync(device)
+                if round_index:  # round 0 warms up
+                    times[label].append((spent[0], time.perf_counter() - start))
+    return {label: (statistics.median(a for a, _ in rounds), statistics.median(d for _, d in rounds))
+            for label, rounds in times.items()}
+
+
+def serves_proxy(model, variant: Variant, size: int) -> List[str]:
+    """Why ``variant`` cannot serve the proxy's attention calls at ``size`` (empty when it can)."""
+    config = model.config
+    grid = size // config.patch
+    layout = TokenLayout(1, grid, grid, before=config.cond_tokens)
+    tokens = layout.before + layout.image_tokens
+    q = torch.zeros(1, config.heads, tokens, config.head_dim, device=next(model.parameters()).device)
+    return why_not(variant.backend, q, q, q, config.heads, skip_reshape=True, layout=layout, **dict(variant.options))
+
+
+def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Sequence[str]] = None,
+        progress=sys.stderr) -> Tuple[List[QualityRow], List[str]]:
+    """The quality table: one row per size and variant; and notes on what was left out."""
+    measured_all, notes = variants(backends)
+    rows: List[QualityRow] = []
+    started = time.perf_counter()
+    for size_index, size in enumerate(sizes, 1):
+        measured = []
+        for variant in measured_all:
+            reasons = serves_proxy(model, variant, size)
+            if reasons:
+                notes.append(f"{variant.label} at {size} px: not measured ({'; '.join(reasons)})")
+            else:
+                measured.append(variant)
+
+        def report(what, size_index=size_index, size=size):
+            _progress(progress, f"[{size_index}/{len(sizes)}] {size} px: {what}", started)
+
+        report("exact images and attention errors along their trajectory")
+        exact_images, errors = exact_trajectory(model, setup, size, measured)
+        report("timing")
+        timings = time_denoiser(model, setup, size, measured, report)
+        exact_attention, exact_denoiser = timings[EXACT]
+        tokens = model.config.cond_tokens + (size // model.config.patch) ** 2
+        for variant in measured:
+            report(f"sampling with {variant.label}")
+            images = sample(model, setup, size, variant.attention_fn())
+            attention_seconds, denoiser_seconds = timings[variant.label]
+            mean_cosine, mean_rel_l2 = errors.mean(variant.label)
+            rows.append(QualityRow(
+                variant.backend, dict(variant.options), BACKENDS[variant.backend].exact, size, tokens,
+                exact_attention / attention_seconds, exact_denoiser / denoiser_seconds,
+                float(psnr_db(images, exact_images).mean()), float(ssim(images, exact_images).mean()),
+                mean_cosine, mean_rel_l2))
+    _progress(progress, None, started)
+    return rows, notes
+
+
+def _progress(stream, line: Optional[str], started: float) -> None:
+    """One line rewritten in place on a terminal, one line per step elsewhere; None clears it."""
+    if stream is None:
+        return
+    if line is None:
+        if stream.isatty():
+            stream.write("\r" + " " * 110 + "\r")
+            stream.flush()
+        return
+    text = f"{line} ({time.perf_counter() - started:.0f} s)"
+    stream.write(f"\r{text[:110]:110s}" if stream.isatty() else text + "\n")
+    stream.flush()
+
+
+def format_table(rows: List[QualityRow]) -> str:
+    header = ["backend", "options", "px", "tokens", "attn speedup", "denoiser speedup", "PSNR dB", "SSIM",
+              "attn cosine", "attn rel L2"]
+    lines = [header] + [[
+        row.backend + ("" if not row.exact else " (exact)"),
+        " ".join(f"{k}={v}" for k, v in row.options.items()) or "-", str(row.image_size), str(row.tokens),
+        f"{row.attention_speedup:.2f}", f"{row.denoiser_speedup:.2f}", f"{row.psnr_db:.2f}", f"{row.ssim:.4f}",
+        f"{row.attn_cosine:.4f}", f"{row.attn_rel_l2:.4f}"] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]
+    out.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(out)
+
+
+def rows_as_json(rows: List[QualityRow]) -> List[dict]:
+    return [asdict(row) for row in rows]

