@@ -76,6 +76,7 @@ def quality(args) -> int:
     if args.comfyui_model:
         from .benchmark.comfy_quality import run_on_comfyui_model
 
+        args.steps = args.steps or 4
         return run_on_comfyui_model(args)
     from .attention import BACKENDS
 
@@ -89,8 +90,8 @@ def quality(args) -> int:
     from .benchmark.proxy import load_proxy_model
 
     setup = QUICK if args.quick else QualitySetup()
-    if args.repeats is not None:
-        setup = QualitySetup(setup.classes, setup.steps, setup.seed, setup.guidance, args.repeats)
+    setup = QualitySetup(setup.classes, args.steps or setup.steps, setup.seed, setup.guidance,
+                         setup.repeats if args.repeats is None else args.repeats)
     sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
     model = load_proxy_model(args.device)
     print(f"efficient_attention_pop quality: proxy DiT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     quality_parser.add_argument("--backend", dest="backends", action="append",
                                 help="measure only this backend (repeatable); default every backend")
     quality_parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 3, 1 quick)")
+    quality_parser.add_argument("--steps", type=int, default=None,
+                                help="sampling steps (default 12, 8 quick; 4 with --comfyui-model)")
     quality_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     quality_parser.add_argument("--json", help="also write the rows to this file, one JSON object per row")
     quality_parser.add_argument("--comfyui-model", metavar="FILE",

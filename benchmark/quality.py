@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..attention import BACKENDS, TokenLayout, attention, why_not
 from .metrics import cosine, psnr_db, relative_l2, ssim
+from .table import markdown_table
 
 EXACT = "exact"  # the model's own attention (torch SDPA): the reference every row is measured against
 
@@ -255,15 +256,11 @@ def _progress(stream, line: Optional[str], started: float) -> None:
 def format_table(rows: List[QualityRow]) -> str:
     header = ["backend", "options", "px", "tokens", "attn speedup", "denoiser speedup", "PSNR dB", "SSIM",
               "attn cosine", "attn rel L2"]
-    lines = [header] + [[
+    return markdown_table(header, [[
         row.backend + ("" if not row.exact else " (exact)"),
         " ".join(f"{k}={v}" for k, v in row.options.items()) or "-", str(row.image_size), str(row.tokens),
         f"{row.attention_speedup:.2f}", f"{row.denoiser_speedup:.2f}", f"{row.psnr_db:.2f}", f"{row.ssim:.4f}",
-        f"{row.attn_cosine:.4f}", f"{row.attn_rel_l2:.4f}"] for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]
-    out.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
-    return "\n".join(out)
+        f"{row.attn_cosine:.4f}", f"{row.attn_rel_l2:.4f}"] for row in rows])
 
 
 def rows_as_json(rows: List[QualityRow]) -> List[dict]:

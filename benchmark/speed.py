@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..attention import BACKENDS, RegionMask, attention, why_not
 from ..attention.heads import merge_heads
+from .table import markdown_table
 
 
 @dataclass(frozen=True)
@@ -285,17 +286,14 @@ def format_table(rows: List[Row], device: str) -> str:
     show_throughput = device.startswith("cuda")
     if show_throughput:
         header.append("throughput")
-    lines = [header]
+    lines = []
     for r in rows:
         line = [r.workload, r.variant, r.backend, f"{r.median_ms:.2f}", f"{r.ratio:.3f}", f"{r.peak_mib:.1f}",
                 f"{r.max_abs_err:.2e}", f"{r.cosine:.5f}"]
         if show_throughput:
             line.append(r.throughput)
         lines.append(line)
-    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
-    out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
+    return markdown_table(header, lines)
 
 
 def device_peak_line(device: str) -> Optional[str]:

@@ -17,16 +17,21 @@ import torch
 LayerKey = Tuple[int, int, int]  # (index of the call in the model call, query tokens, key tokens)
 
 
-def relative_error(approximation: torch.Tensor, exact: torch.Tensor) -> float:
-    """||approximation - exact|| / ||exact|| in fp32 (a host read: the guard's only one, when it measures)."""
-    exact = exact.float()
-    return float((approximation.float() - exact).norm() / exact.norm().clamp_min(torch.finfo(torch.float32).tiny))
+def compare(approximation: torch.Tensor, exact: torch.Tensor) -> Tuple[float, float]:
+    """(||approximation - exact|| / ||exact||, cosine similarity) in fp32: the guard's only host read, when it
+    measures."""
+    approximation, exact = approximation.float().flatten(), exact.float().flatten()
+    tiny = torch.finfo(torch.float32).tiny
+    error = (approximation - exact).norm() / exact.norm().clamp_min(tiny)
+    cosine = approximation @ exact / (approximation.norm() * exact.norm()).clamp_min(tiny)
+    return float(error), float(cosine)
 
 
 @dataclass
 class LayerRecord:
     tokens: int
     errors: List[float] = field(default_factory=list)
+    cosines: List[float] = field(default_factory=list)
     approximate: bool = False
 
 
@@ -69,11 +74,12 @@ class QualityGuard:
         record = self.layers.get(key)
         return record is not None and record.approximate and not self.measure_only
 
-    def record(self, key: LayerKey, query_tokens: int, error: float) -> None:
+    def record(self, key: LayerKey, query_tokens: int, error: float, cosine: float) -> None:
         record = self.layers.get(key)
         if record is None:
             record = self.layers[key] = LayerRecord(query_tokens, approximate=True)
         record.errors.append(error)
+        record.cosines.append(cosine)
         if error > self.max_error:
             record.approximate = False  # over the bound: exact for the rest of the run
 

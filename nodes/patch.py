@@ -28,7 +28,7 @@ from ..attention.layout import TokenLayout
 from ..attention.regions import MASK_MODES, QUERY_PLACES_NEEDED, region_mask_for_layout
 from .comfy_call import ComfyAttentionCall, read_call
 from .families import ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family
-from .guard import QualityGuard, relative_error
+from .guard import QualityGuard, compare
 
 logger = logging.getLogger("efficient_attention_pop")
 
@@ -302,7 +302,7 @@ class AttentionPatch:
         key = (model_call.next_served_call(), call.query_tokens, call.key_tokens)
         if guard.should_measure(key):
             exact_out = exact()
-            guard.record(key, call.query_tokens, relative_error(approximate(exact_out), exact_out))
+            guard.record(key, call.query_tokens, *compare(approximate(exact_out), exact_out))
             return exact_out
         return approximate() if guard.uses_approximation(key) else exact()
 

@@ -42,6 +42,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def write_tiny_sd15_unet(path: str) -> None:
+    """The tiny SD1.5 diffusion model alone, as a diffusion-model file ComfyUI's loaders detect as SD15."""
+    import safetensors.torch
+
+    comfy = comfy_env.load_comfy()
+    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(dict(TINY_SD15_UNET)), device=torch.device("cpu"))
+    comfy_env.init_weights(model.diffusion_model, seed=0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {key: value.half().contiguous() for key, value in model.diffusion_model.state_dict().items()}
+    safetensors.torch.save_file(state, path)
+
+
 def write_tiny_sd15(models_dir: str) -> None:
     """models/diffusion_models/tiny_sd15_unet.safetensors and models/text_encoders/tiny_clip_l.safetensors."""
     import safetensors.torch
@@ -49,15 +61,12 @@ def write_tiny_sd15(models_dir: str) -> None:
     comfy = comfy_env.load_comfy()
     import comfy.sd1_clip
 
-    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(dict(TINY_SD15_UNET)), device=torch.device("cpu"))
-    comfy_env.init_weights(model.diffusion_model, seed=0)
+    write_tiny_sd15_unet(os.path.join(models_dir, "diffusion_models", UNET_FILE))
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
     comfy_env.init_weights(clip.transformer, seed=1)
-    for folder, name, module in (("diffusion_models", UNET_FILE, model.diffusion_model),
-                                 ("text_encoders", CLIP_FILE, clip.transformer)):
-        os.makedirs(os.path.join(models_dir, folder), exist_ok=True)
-        state = {key: value.half().contiguous() for key, value in module.state_dict().items()}
-        safetensors.torch.save_file(state, os.path.join(models_dir, folder, name))
+    os.makedirs(os.path.join(models_dir, "text_encoders"), exist_ok=True)
+    state = {key: value.half().contiguous() for key, value in clip.transformer.state_dict().items()}
+    safetensors.torch.save_file(state, os.path.join(models_dir, "text_encoders", CLIP_FILE))
 
 
 def txt2latent_workflow(attention: Optional[dict] = None, seed: int = 0, prefix: str = "pop") -> dict:
