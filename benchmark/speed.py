@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..attention import BACKENDS, RegionMask, attention, why_not
+from ..attention import BACKENDS, RegionMask, TokenLayout, attention, why_not
 from ..attention.heads import merge_heads
 from .table import markdown_table
 
@@ -39,6 +39,14 @@ class Workload:
     def describe(self) -> str:
         return f"B={self.batch} N={self.n} M={self.m} H={self.heads} D={self.dim}"
 
+    @property
+    def layout(self) -> Optional[TokenLayout]:
+        """Self/joint attention: the text tokens, then a square image grid (None for cross-attention)."""
+        if self.cross:
+            return None
+        side = int(round((self.n - self.text_tokens) ** 0.5))
+        return TokenLayout(1, side, side, before=self.text_tokens)
+
 
 PRESETS: Dict[str, Workload] = {w.name: w for w in [
     Workload("sd15-512-self", 2, 4096, 4096, 8, 40),
@@ -47,6 +55,8 @@ PRESETS: Dict[str, Workload] = {w.name: w for w in [
     Workload("sd15-1024-self", 2, 16384, 16384, 8, 40),
     Workload("sdxl-1024-self", 2, 4096, 4096, 10, 64),
     Workload("flux-1024-joint", 1, 4608, 4608, 24, 128, text_tokens=512),
+    Workload("sdxl-2048-self", 2, 16384, 16384, 10, 64),
+    Workload("flux-2048-joint", 1, 16896, 16896, 24, 128, text_tokens=512),
 ]}
 QUICK_PRESETS = ["sd15-512-self", "sd15-512-cross"]
 MEMORY_REFERENCE = "comfy naive"  # full score matrix, as ComfyUI's attention_basic; timed once
@@ -194,14 +204,18 @@ def _candidates(workload: Workload, q, k, v, region, dense, include_naive: bool,
     h = workload.heads
     yield "torch SDPA", lambda: torch_sdpa(q, k, v, h, dense)
     mask_forms = [dense] if region is dense else [dense, region]
+    layout = workload.layout
     for name in backends or BACKENDS:
         if BACKENDS[name].slow_reason():
             continue
-        for mask in mask_forms:
-            if why_not(name, q, k, v, h, mask):
-                continue
-            label = f"{name}[region]" if isinstance(mask, RegionMask) else name
-            yield label, (lambda name=name, mask=mask: attention(q, k, v, h, mask, backend=name))
+        for options in BACKENDS[name].benchmark_options:
+            for mask in mask_forms:
+                if why_not(name, q, k, v, h, mask, layout=layout, **options):
+                    continue
+                label = " ".join([name] + [f"{key}={value}" for key, value in options.items()])
+                label += "[region]" if isinstance(mask, RegionMask) else ""
+                yield label, (lambda name=name, mask=mask, options=options:
+                              attention(q, k, v, h, mask, backend=name, layout=layout, **options))
     if include_naive:
         yield MEMORY_REFERENCE, lambda: comfy_naive(q, k, v, h, dense)
 
@@ -209,6 +223,9 @@ def _candidates(workload: Workload, q, k, v, region, dense, include_naive: bool,
 def _throughput(label: str, workload: Workload, dtype, seconds: float, allowed_fraction: float) -> str:
     """GB/s for linear backends (bytes of q, k, v and out), TFLOP/s for exact ones (allowed pairs only)."""
     b, n, m, h, d = workload.batch, workload.n, workload.m, workload.heads, workload.dim
+    backend = BACKENDS.get(label.split()[0].split("[")[0])
+    if backend is not None and not backend.exact and not label.startswith("linear"):
+        return "-"  # todo, agent: their work is not the N x M of exact attention
     if label.startswith("linear"):
         size = torch.tensor([], dtype=dtype).element_size()
         return f"{(b * (2 * n + 2 * m) * h * d * size) / seconds / 1e9:.0f} GB/s"
