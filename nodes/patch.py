@@ -235,6 +235,8 @@ class AttentionPatch:
         n, m = call.query_tokens, call.key_tokens
         key_layout = call_layout(self.family, m, model_call, activations)
         query_layout = key_layout if n == m else call_layout(self.family, n, model_call, activations)
+        if key_layout is None and self.family.keys_append_text and query_layout is not None and m > n:
+            key_layout = replace(query_layout, after=query_layout.after + m - n)  # Cascade: text after the image
         return query_layout, key_layout
 
     def _is_self_attention(self, call: ComfyAttentionCall, model_call: Optional[ModelCall], layouts) -> bool:
@@ -341,8 +343,6 @@ class AttentionPatch:
                             f"{family.name}: {model_call.unplaceable}")
             return None
         n, m = call.query_tokens, call.key_tokens
-        if family.keys_append_text and query_layout is not None and m > n:
-            key_layout = replace(query_layout, after=query_layout.after + m - n)
         if key_layout is None and self._without_image_tokens(call, model_call):
             return None  # text-only self-attention (refiners) or temporal attention: no image grid to mask
         if key_layout is None:
