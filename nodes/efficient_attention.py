@@ -5,6 +5,8 @@ as a V3 node with the same inputs and the same function, which is then the one r
 """
 from __future__ import annotations
 
+import inspect
+
 from ..attention.regions import MASK_MODES
 from .patch import APPLY_TO, backend_problem, patch_model, settings_for_model, usable_backends
 
@@ -13,6 +15,11 @@ DESCRIPTION = (
     "Runs the model's attention through the Efficient Attention (PoP) backends: exact torch SDPA, exact "
     "region-masked attention, or linear Efficient Attention (approximate, O(N)). Returns a patched copy; the "
     "input model is unchanged, so bypassing this node restores the original attention.")
+# Words people type into the node search for this node. ComfyUI versions with search aliases (V1 SEARCH_ALIASES,
+# V3 io.Schema(search_aliases=...)) match them; older ones search the name and display name only.
+SEARCH_ALIASES = ["attention", "efficient", "efficient attention", "sdpa", "linear attention", "masked attention",
+                  "mask", "region mask", "speed", "speed up", "fast", "faster", "flash", "todo", "token downsampling",
+                  "agent attention"]
 BACKEND_CHOICES = usable_backends()  # what this machine can run; a saved workflow's other choice is refused, with why
 
 # (name, kind, options, tooltip) in the order the node shows them: the backend and its own options, where it
@@ -93,6 +100,7 @@ class EfficientAttentionPoP:
 
     CATEGORY = CATEGORY
     DESCRIPTION = DESCRIPTION
+    SEARCH_ALIASES = SEARCH_ALIASES
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The model with the patched attention (the input model is unchanged).",)
     FUNCTION = "patch"
@@ -120,6 +128,8 @@ def define_v3_node():
         from comfy_api.latest import io
     except ImportError:
         return None
+    # search_aliases only where this ComfyUI's io.Schema takes it (0.3.64's does not)
+    aliases = {"search_aliases": SEARCH_ALIASES} if "search_aliases" in inspect.signature(io.Schema).parameters else {}
     kinds = {"COMBO": io.Combo, "INT": io.Int, "FLOAT": io.Float, "BOOLEAN": io.Boolean}
 
     def v3_input(name, kind, options, tooltip):
@@ -136,6 +146,7 @@ def define_v3_node():
                 + [v3_input(*spec) for spec in INPUTS]
                 + [io.Mask.Input("mask", optional=True, tooltip=MASK_TOOLTIP)],
                 outputs=[io.Model.Output(tooltip=EfficientAttentionPoP.OUTPUT_TOOLTIPS[0])],
+                **aliases,
             )
 
         @classmethod

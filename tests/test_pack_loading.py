@@ -1,10 +1,14 @@
 """The pack loads the way ComfyUI loads custom nodes: the folder imported by path, under a name with dashes."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
 import sys
+import types
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,29 +76,39 @@ def test_pack_and_library_import_without_comfyui():
     assert "EfficientAttentionPoP" in result.stdout
 
 
-def test_example_workflow_is_consistent_with_the_node():
-    import json
+def fake_comfy_api(schema_takes_search_aliases):
+    """A stand-in for ``comfy_api.latest``: io.Schema as a dataclass with or without ``search_aliases`` (0.3.64's
+    has none), inputs and outputs recorded as given."""
+    class Slot:
+        def __init__(self, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
 
-    path = os.path.join(ROOT, "example_workflows", "sd15_txt2img_efficient_attention.json")
-    with open(path) as f:
-        workflow = json.load(f)
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
-        assert link_id in nodes[source]["outputs"][source_slot]["links"]
-        assert nodes[target]["inputs"][target_slot]["link"] == link_id
-        assert nodes[source]["outputs"][source_slot]["type"] == nodes[target]["inputs"][target_slot]["type"] == kind
-    ours = [n for n in workflow["nodes"] if n["type"] == "EfficientAttentionPoP"]
-    assert len(ours) == 1
-    required = classic_node("pack-workflow").INPUT_TYPES()["required"]
-    widgets = [name for name in required if name != "model"]
-    assert len(ours[0]["widgets_values"]) == len(widgets)
-    for name, value in zip(widgets, ours[0]["widgets_values"]):
-        kind = required[name][0]
-        if isinstance(kind, list):
-            assert value in kind, f"{name}={value!r} is not one of {kind}"
-    downstream = [n["type"] for n in workflow["nodes"] if any(i["link"] in ours[0]["outputs"][0]["links"]
-                                                              for i in n["inputs"])]
-    assert downstream == ["KSampler"]
+    fields = [("node_id", str), ("display_name", str, None), ("category", str, "sd"), ("inputs", list, None),
+              ("outputs", list, None), ("description", str, "")]
+    if schema_takes_search_aliases:
+        fields.append(("search_aliases", list, None))
+    io = types.SimpleNamespace(Schema=dataclasses.make_dataclass("Schema", fields), ComfyNode=object, NodeOutput=tuple,
+                               **{kind: types.SimpleNamespace(Input=Slot, Output=Slot)
+                                  for kind in ("Combo", "Int", "Float", "Boolean", "Model", "Mask")})
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io = io
+    return {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest}
+
+
+@pytest.mark.parametrize("schema_takes_search_aliases", [False, True])
+def test_search_aliases_where_comfyui_takes_them(monkeypatch, schema_takes_search_aliases):
+    """The V1 class always carries SEARCH_ALIASES (a ComfyUI without aliases ignores it); the V3 schema gets
+    search_aliases only where io.Schema has that field, so ComfyUI 0.3.64 still builds the node."""
+    from efficient_attention_pop.nodes import efficient_attention
+
+    aliases = efficient_attention.EfficientAttentionPoP.SEARCH_ALIASES
+    expected = {"attention", "efficient", "sdpa", "linear attention", "mask", "speed", "fast", "flash", "todo"}
+    assert expected <= set(aliases)
+    for name, module in fake_comfy_api(schema_takes_search_aliases).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    schema = efficient_attention.define_v3_node().define_schema()
+    assert schema.node_id == "EfficientAttentionPoP"
+    assert getattr(schema, "search_aliases", None) == (aliases if schema_takes_search_aliases else None)
 
 
 def test_registry_metadata_and_literal_node_ids():

@@ -1,0 +1,323 @@
+"""What a new user sees in ComfyUI's own UI (frontend 1.27.10), in a real browser: headless Chromium driven by
+Selenium against a ComfyUI server with the pack (tests/comfy_server.py, tiny SD1.5 weights).
+
+Checked: the example workflows in the template browser (cards with their titles and thumbnails) and loaded into
+the canvas without errors about the node; the node found through the canvas search box and added, its widgets in
+order with their tooltips (hovered on the canvas, and in the UI's node definition); a workflow with the node
+queued with the Run button and finished; heads=7 answered by the error dialog naming the node, the server still
+running the next valid workflow.
+
+Needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver) and the `browser` extra
+(selenium; spandrel, which ComfyUI's UpscaleModelLoader imports: without that node, frontend 1.27.10 fails to
+build any loader with a ckpt_name or vae_name widget). Screenshots of each stage go to a temporary folder, or to
+$EFFICIENT_ATTENTION_POP_SCREENSHOTS when set, with search_ranks.json (the node's rank per search).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.parse
+
+import pytest
+
+import comfy_env
+from comfy_server import PACK_FOLDER, ComfyServer, txt2latent_workflow, write_tiny_sd15
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1600, "height": 1000, "deviceScaleFactor": 1, "mobile": False}
+SCREENSHOTS_ENV = "EFFICIENT_ATTENTION_POP_SCREENSHOTS"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
+NODE_TITLE = "Efficient Attention (PoP)"
+NODE = dict(backend="sdpa", downsample=2, agents=256, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
+            start_percent=0.0, end_percent=1.0, mask_mode="isolate regions", heads=0, layernorm=False)
+OUR_NODE_ID = 6  # txt2latent_workflow's id for the node
+
+
+def missing_browser_parts():
+    """What this machine lacks for the browser test, in words (empty when nothing)."""
+    missing = [f"{path} (apt-get install chromium chromium-driver)" for path in (CHROMIUM, CHROMEDRIVER)
+               if not os.path.exists(path)]
+    missing += [f"{module} (pip install -e '.[browser]')" for module in ("selenium", "spandrel")
+                if importlib.util.find_spec(module) is None]
+    return missing
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    missing = missing_browser_parts()
+    if missing:
+        pytest.skip("the browser test needs " + ", ".join(missing))
+    comfy_env.load_comfy()
+    if not comfy_env.is_todays_comfyui():
+        pytest.skip("the browser test runs today's ComfyUI: set COMFYUI_PATH to a current ComfyUI checkout")
+    base = tmp_path_factory.mktemp("comfyui")
+    write_tiny_sd15(str(base / "models"))
+    running = ComfyServer(str(base)).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = os.environ.get(SCREENSHOTS_ENV) or str(tmp_path_factory.mktemp("screenshots"))
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    """Headless Chromium with ComfyUI's UI loaded (a fresh profile and a fresh ComfyUI user: a first start)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", VIEWPORT)
+        driver.get(server.url)
+        wait_for(driver, "return !!(window.app && app.graph && app.canvas && window.LiteGraph "
+                         "&& LiteGraph.registered_node_types.EfficientAttentionPoP)", "the UI to start")
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver, script, what, timeout=60.0, args=()):
+    """Poll a JavaScript condition (with ``args`` as its arguments) until it is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script(script, *args)
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")
+
+
+def shoot(driver, shots, name):
+    time.sleep(0.5)  # the canvas draws on the next animation frame
+    driver.save_screenshot(os.path.join(shots, name))
+
+
+def shoot_with_queue_panel(driver, shots, name):
+    """A screenshot with the Queue side panel open (the finished runs, with their times); closed again after."""
+    driver.find_element("css selector", ".queue-tab-button").click()
+    wait_for(driver, "const panel = document.querySelector('.sidebar-content-container'); "
+                     "return panel && /\\d+\\.\\d+s/.test(panel.innerText)", "the queue panel's runs", 10)
+    shoot(driver, shots, name)
+    driver.find_element("css selector", ".queue-tab-button").click()
+
+
+def close_dialogs(driver):
+    driver.execute_script("document.querySelectorAll('.p-dialog button[aria-label=Close]').forEach(b => b.click())")
+    wait_for(driver, "return !document.querySelector('.p-dialog')", "the dialogs to close", 10)
+
+
+def new_graph(driver, api_workflow=None):
+    """An empty canvas, or ``api_workflow`` (API format) laid out as the frontend lays out a pasted API workflow."""
+    close_dialogs(driver)
+    if api_workflow is None:
+        driver.execute_script("app.graph.clear(); app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1;")
+    else:
+        driver.execute_script("app.loadApiJson(arguments[0], 'tiny sd15'); app.canvas.ds.offset = [0, 0]; "
+                              "app.canvas.ds.scale = 0.75;", api_workflow)
+    driver.execute_script("app.canvas.setDirty(true, true)")
+
+
+def move_mouse(driver, x, y):
+    from selenium.webdriver.common.actions.action_builder import ActionBuilder
+
+    actions = ActionBuilder(driver)
+    actions.pointer_action.move_to_location(int(x), int(y))
+    actions.perform()
+
+
+def screen_point(driver, graph_x, graph_y):
+    """Page coordinates of a point of the graph."""
+    return driver.execute_script(
+        "const box = app.canvas.canvas.getBoundingClientRect(); "
+        "const [x, y] = app.canvas.ds.convertOffsetToCanvas([arguments[0], arguments[1]]); "
+        "return [box.left + x / devicePixelRatio, box.top + y / devicePixelRatio];", graph_x, graph_y)
+
+
+def hover_tooltip(driver, graph_x, graph_y):
+    """The canvas tooltip shown after the pointer rests on a point of the graph."""
+    x, y = screen_point(driver, graph_x, graph_y)
+    move_mouse(driver, x - 2, y)
+    move_mouse(driver, x, y)  # the tooltip timer starts on a mouse move over the canvas
+    return wait_for(driver, "const tip = document.querySelector('.node-tooltip'); return tip && tip.innerText",
+                    f"a tooltip at {graph_x, graph_y}", 10)
+
+
+def search_results(driver, text):
+    """Open the node search box on the empty canvas, type ``text``; the result titles in order."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    canvas = driver.find_element("css selector", "canvas#graph-canvas")
+    ActionChains(driver).move_to_element(canvas).double_click().perform()
+    box = driver.switch_to.active_element
+    assert box.get_attribute("placeholder") == "Search Nodes...", "the double-click did not open the node search"
+    box.send_keys(text)
+    # before the query is applied the box lists popular nodes, without highlighted matches
+    wait_for(driver, "return document.querySelector('li.p-autocomplete-option .highlight')",
+             f"search results for {text!r}", 10)
+    titles = None
+    while True:  # the list settles once the (debounced) search has run
+        time.sleep(0.5)
+        latest = driver.execute_script("return [...document.querySelectorAll('li.p-autocomplete-option')]"
+                                       ".map(o => o.getAttribute('aria-label'))")
+        if latest == titles:
+            return box, titles
+        titles = latest
+
+
+def history_ids(server):
+    return set(server.get("/history"))
+
+
+def run_from_ui(driver, server, timeout=180.0):
+    """Click the Run button; the /history entry of the prompt it queued, once finished."""
+    before = history_ids(server)
+    driver.find_element("xpath", "//button[normalize-space()='Run']").click()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = history_ids(server) - before
+        if new:
+            (prompt_id,) = new
+            entry = server.get(f"/history/{prompt_id}")[prompt_id]
+            if entry.get("status", {}).get("completed") is not None:
+                return entry
+        time.sleep(0.25)
+    raise AssertionError(f"no run finished within {timeout:.0f} s:\n{server.log_tail()}")
+
+
+def our_node_widgets(driver, node_id):
+    return driver.execute_script("return app.graph.getNodeById(arguments[0]).widgets.map(w => [w.name, w.value])",
+                                 node_id)
+
+
+def test_template_browser_shows_the_examples(page, server, shots):
+    """On a first start ComfyUI opens its template browser; the pack's examples are cards there, titled by their
+    file names, with the .jpg beside each as thumbnail."""
+    names = [os.path.splitext(os.path.basename(path))[0] for path in EXAMPLES]
+    if not page.execute_script("return !!document.querySelector('[data-testid=template-workflows-content]')"):
+        page.execute_script("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    cards = {name: f'[data-testid="template-workflow-{name}"]' for name in names}
+    wait_for(page, "return arguments[0].every(c => { const img = document.querySelector(c + ' img'); "
+                   "return img && img.complete && img.naturalWidth > 0; })", "the example cards' thumbnails", 30,
+             [list(cards.values())])
+    for name, card in cards.items():
+        text = page.find_element("css selector", card).text
+        assert name in text.replace("\n", " "), text
+    assert sorted(server.get("/workflow_templates")[PACK_FOLDER]) == sorted(names)
+    shoot(page, shots, "01_template_browser.png")
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_example_loads_without_errors(page, server, shots, path):
+    """Each example, fetched and loaded as its card does (the card itself loads nothing here: it waits for the core
+    templates, a package the tests do not install), keeps our node's values and raises no error."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    close_dialogs(page)
+    page.get_log("browser")  # start the log afresh
+    page.execute_async_script(
+        "const [url, name, done] = arguments; fetch(url).then(r => r.json())"
+        ".then(graph => app.loadGraphData(graph, true, true, name)).then(() => done(true))",
+        f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(name)}.json", name)
+    time.sleep(1)
+    errors = [entry["message"] for entry in page.get_log("browser") if entry["level"] == "SEVERE"
+              and "Failed to load resource" not in entry["message"]]
+    assert not errors, errors
+    assert not page.execute_script("return [...document.querySelectorAll('.p-toast-message, .p-dialog')]"
+                                   ".map(e => e.innerText)")  # e.g. the workflow schema's validation warnings
+    for node in (n for n in saved["nodes"] if n["type"] == "EfficientAttentionPoP"):
+        assert [value for _, value in our_node_widgets(page, node["id"])] == node["widgets_values"]
+    shoot(page, shots, f"02_example_{name}.png")
+
+
+def test_search_box_finds_the_node_and_adds_it(page, shots):
+    from selenium.webdriver.common.keys import Keys
+
+    from efficient_attention_pop.nodes.efficient_attention import DESCRIPTION, INPUTS
+
+    ranks = {}
+    for text in ("efficient attention", "attention"):
+        new_graph(page)
+        box, titles = search_results(page, text)
+        assert NODE_TITLE in titles, titles
+        ranks[text] = titles.index(NODE_TITLE) + 1
+        box.send_keys(Keys.ESCAPE)
+    with open(os.path.join(shots, "search_ranks.json"), "w") as f:
+        json.dump({"ranks": ranks, "results_for_attention": titles}, f, indent=1)
+    assert ranks["efficient attention"] == 1
+
+    new_graph(page)
+    box, titles = search_results(page, "attention")
+    for _ in range(titles.index(NODE_TITLE)):
+        box.send_keys(Keys.ARROW_DOWN)  # the highlighted result is previewed beside the list
+    shoot(page, shots, "03_search_attention.png")
+    box.send_keys(Keys.ENTER)
+    node_id = wait_for(page, "const n = app.graph.nodes.find(n => n.type === 'EfficientAttentionPoP'); "
+                             "return n && n.id", "the node to be added", 10)
+    assert [name for name, _ in our_node_widgets(page, node_id)] == [name for name, *_ in INPUTS]
+    definition = page.execute_script("const d = LiteGraph.registered_node_types.EfficientAttentionPoP.nodeData; "
+                                     "return [d.description, Object.fromEntries(Object.entries(d.inputs)"
+                                     ".map(([name, input]) => [name, input.tooltip]))]")
+    assert definition[0] == DESCRIPTION
+    assert all(definition[1][name] == tooltip for name, _, _, tooltip in INPUTS)
+    assert definition[1]["mask"] and definition[1]["model"]
+
+    page.execute_script("const n = app.graph.getNodeById(arguments[0]); n.pos = [300, 150]; "
+                        "app.canvas.deselectAll(); app.canvas.setDirty(true, true);", node_id)
+    heads_x, heads_y = page.execute_script(
+        "const n = app.graph.getNodeById(arguments[0]); const w = n.widgets.find(w => w.name === 'heads'); "
+        "return [n.pos[0] + n.size[0] / 2, n.pos[1] + w.y + 10];", node_id)
+    heads_tooltip = next(tooltip for name, _, _, tooltip in INPUTS if name == "heads")
+    assert hover_tooltip(page, heads_x, heads_y) == heads_tooltip
+    shoot(page, shots, "04_node_widgets_heads_tooltip.png")
+    title_x, title_y = page.execute_script("const n = app.graph.getNodeById(arguments[0]); "
+                                           "return [n.pos[0] + 60, n.pos[1] - 15];", node_id)
+    assert hover_tooltip(page, title_x, title_y) == DESCRIPTION
+
+
+def test_run_button_runs_a_workflow_with_the_node(page, server, shots):
+    new_graph(page, txt2latent_workflow(NODE, prefix="browser"))
+    entry = run_from_ui(page, server)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert server.saved_latent(entry).shape == (1, 4, 8, 8)
+    shoot_with_queue_panel(page, shots, "05_run_finished.png")
+
+
+def test_error_dialog_names_the_node_and_the_server_goes_on(page, server, shots):
+    new_graph(page, txt2latent_workflow(NODE, seed=1, prefix="browser"))
+    page.execute_script("const n = app.graph.getNodeById(arguments[0]); "
+                        "n.widgets.find(w => w.name === 'heads').value = 7;", OUR_NODE_ID)  # divides none of 320
+    entry = run_from_ui(page, server)
+    assert entry["status"]["status_str"] == "error", entry["status"]
+    dialog = wait_for(page, "const d = document.querySelector('.p-dialog'); return d && d.innerText",
+                      "the error dialog", 20)
+    assert NODE_TITLE in dialog and "Mismatch in tensor dimensions" in dialog, dialog
+    shoot(page, shots, "06_error_dialog.png")
+
+    close_dialogs(page)
+    page.execute_script("const n = app.graph.getNodeById(arguments[0]); "
+                        "n.widgets.find(w => w.name === 'heads').value = 0;", OUR_NODE_ID)
+    after = run_from_ui(page, server)
+    assert after["status"]["status_str"] == "success" and server.process.poll() is None
+    shoot_with_queue_panel(page, shots, "07_valid_run_after_the_error.png")

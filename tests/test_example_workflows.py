@@ -1,0 +1,98 @@
+"""The example workflows in example_workflows/ (ComfyUI's template browser lists them, with the .jpg beside each as
+its thumbnail): UI-format graphs whose links agree, whose Efficient Attention (PoP) nodes hold values the node
+accepts today, in its input order, and which explain themselves in a note on the canvas."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from efficient_attention_pop.nodes.efficient_attention import EfficientAttentionPoP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+NOTE_TYPES = ("Note", "MarkdownNote")
+MAX_THUMBNAIL_BYTES = 100_000
+
+
+def load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def our_widgets():
+    """(name, kind, options) of the node's widgets, in the order the frontend lays them out."""
+    required = EfficientAttentionPoP.INPUT_TYPES()["required"]
+    return [(name, kind, options) for name, (kind, options) in required.items() if name != "model"]
+
+
+def test_there_are_examples_for_images_and_video():
+    names = [os.path.splitext(os.path.basename(path))[0] for path in EXAMPLES]
+    assert len(names) >= 3 and all(name.startswith("Efficient Attention - ") for name in names), names
+    assert any("video" in name for name in names) and any("Flux" in name for name in names)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_links_agree_with_the_nodes(path):
+    workflow = load(path)
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"]) and workflow["last_node_id"] >= max(nodes)
+    links = {link[0]: link for link in workflow["links"]}
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        output, target_input = nodes[source]["outputs"][source_slot], nodes[target]["inputs"][target_slot]
+        assert link_id in output["links"] and target_input["link"] == link_id
+        assert output["type"] == target_input["type"] == kind, (link_id, output, target_input)
+    for node in workflow["nodes"]:
+        assert all(i["link"] in links for i in node.get("inputs", []) if i["link"] is not None), node["type"]
+        assert all(link in links for o in node.get("outputs", []) for link in o["links"] or []), node["type"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_our_node_holds_values_it_accepts_in_its_input_order(path):
+    workflow = load(path)
+    ours = [node for node in workflow["nodes"] if node["type"] == "EfficientAttentionPoP"]
+    assert ours, "no Efficient Attention (PoP) node"
+    widgets = our_widgets()
+    for node in ours:
+        assert [i["name"] for i in node["inputs"] if "widget" in i] in ([], [name for name, _, _ in widgets])
+        values = node["widgets_values"]
+        assert len(values) == len(widgets), f"{len(values)} values for {len(widgets)} widgets"
+        for (name, kind, options), value in zip(widgets, values):
+            if isinstance(kind, list):
+                assert value in kind, f"{name}={value!r} is not one of {kind}"
+            elif kind == "BOOLEAN":
+                assert isinstance(value, bool), f"{name}={value!r}"
+            else:
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), f"{name}={value!r}"
+                assert options["min"] <= value <= options["max"], f"{name}={value!r} outside {options}"
+                assert kind == "FLOAT" or value == int(value), f"{name}={value!r} is not an integer"
+        fed = [other["type"] for other in workflow["nodes"] for i in other.get("inputs", [])
+               if i["link"] in node["outputs"][0]["links"]]
+        assert fed == ["KSampler"], fed
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_a_note_names_every_model_file_and_the_size(path):
+    workflow = load(path)
+    notes = [node for node in workflow["nodes"] if node["type"] in NOTE_TYPES]
+    assert notes, "no Note or MarkdownNote on the canvas"
+    text = "\n".join(value for note in notes for value in note["widgets_values"])
+    model_files = [value for node in workflow["nodes"] if node["type"] not in NOTE_TYPES
+                   for value in node.get("widgets_values") or [] if str(value).endswith(".safetensors")]
+    assert model_files and all(name in text for name in model_files), (model_files, text)
+    latent = next(node for node in workflow["nodes"] if node["type"].startswith("Empty"))
+    width, height = latent["widgets_values"][:2]
+    assert f"{width}×{height}" in text, text
+    steps = next(node for node in workflow["nodes"] if node["type"] == "KSampler")["widgets_values"][2]
+    assert f"{steps} steps" in text
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_a_jpeg_thumbnail_lies_beside_it(path):
+    thumbnail = os.path.splitext(path)[0] + ".jpg"
+    assert os.path.isfile(thumbnail), f"no thumbnail {os.path.basename(thumbnail)}"
+    with open(thumbnail, "rb") as f:
+        data = f.read()
+    assert data[:3] == b"\xff\xd8\xff" and len(data) < MAX_THUMBNAIL_BYTES, (data[:3], len(data))
