@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("safetensors")
 
-from efficient_attention_pop.attention.regions import TokenLayout
+from efficient_attention_pop.attention.layout import TokenLayout
 from efficient_attention_pop.benchmark.proxy import load_proxy_model, sample_images
 from efficient_attention_pop.benchmark.proxy.model import FIXTURE_JSON, FIXTURE_WEIGHTS
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...attention.regions import TokenLayout
+from ...attention.layout import TokenLayout
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TokenLayout, int], torch.Tensor]
 TIME_FREQUENCIES = 128  # sinusoidal timestep features: this many cosines and as many sines

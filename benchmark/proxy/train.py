@@ -140,31 +140,33 @@ def draw_samples(model: ProxyDiT, path: Path) -> None:
 
 
 def draw_loss(curves: Sequence[Tuple[str, str, Sequence[Tuple[int, float]]]], steps: int, path: Path) -> None:
-    """Loss curves (name, colour, [(step, loss)]) as polylines on plain axes."""
+    """Loss curves (name, colour, [(step, loss)]) as polylines on plain axes, loss on a log scale."""
     width, height, left, right, top, bottom = 800, 450, 70, 20, 30, 50
     values = [loss for _, _, curve in curves for _, loss in curve]
-    low, high = 0.0, max(values) * 1.05
+    low, high = math.log(min(values) * 0.9), math.log(max(values) * 1.1)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
 
-    def point(step: float, loss: float) -> Tuple[float, float]:
-        return (left + (width - left - right) * step / steps, height - bottom - (height - top - bottom) * (loss - low) / (high - low))
+    def point(step: float, log_loss: float) -> Tuple[float, float]:
+        return (left + (width - left - right) * step / steps,
+                height - bottom - (height - top - bottom) * (log_loss - low) / (high - low))
 
     draw.line([point(0, high), point(0, low), point(steps, low)], fill="black")
     for i in range(6):
-        loss = low + (high - low) * i / 5
-        x, y = point(0, loss)
+        log_loss = low + (high - low) * i / 5
+        x, y = point(0, log_loss)
         draw.line([(x - 5, y), (x, y)], fill="black")
-        draw.text((8, y - 6), f"{loss:.3f}", fill="black", font=font)
+        draw.text((8, y - 6), f"{math.exp(log_loss):.3f}", fill="black", font=font)
         step = steps * i / 5
         x, y = point(step, low)
         draw.line([(x, y), (x, y + 5)], fill="black")
         draw.text((x - 15, y + 8), f"{step:.0f}", fill="black", font=font)
     draw.text((width // 2 - 20, height - 20), "step", fill="black", font=font)
+    draw.text((8, 6), "loss (log scale)", fill="black", font=font)
     for index, (name, colour, curve) in enumerate(curves):
-        draw.line([point(step, loss) for step, loss in curve], fill=colour, width=2)
-        draw.text((width - 300, top + 15 * index), f"{name}", fill=colour, font=font)
+        draw.line([point(step, math.log(loss)) for step, loss in curve], fill=colour, width=2)
+        draw.text((width - 300, top + 15 * index), name, fill=colour, font=font)
     canvas.save(path)
 
 
