@@ -13,6 +13,7 @@ from .backends.linear import LinearBackend
 from .backends.masked import MaskedBackend
 from .backends.sdpa import SDPABackend
 from .backends.todo import ToDoBackend
+from .backends.window import WindowBackend
 from .heads import merge_heads, qk_layernorm, split_heads
 from .layout import TokenLayout
 from .masks import MaskLike, normalize_mask
@@ -34,6 +35,7 @@ register_backend(MaskedBackend(), auto_rank=1)
 register_backend(LinearBackend())
 register_backend(ToDoBackend())
 register_backend(AgentBackend())
+register_backend(WindowBackend())
 
 
 def _register_kernels() -> None:

@@ -105,14 +105,13 @@ def naive_todo_attention(q, k, v, layout, downsample: int, key_bias: Optional[to
 
 
 def naive_agent_attention(q, k, v, layout, agent_rows: int, agent_columns: int, agent_scale_power: float,
-                          shortcut: float, key_bias: Optional[torch.Tensor] = None,
-                          scale: Optional[float] = None) -> torch.Tensor:
+                          key_bias: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
     """Agent attention written out: q (B, H, N, D), k (B, H, N, D), v (B, H, N, Dv) on one layout -> (B, H, N, Dv).
 
     Agents: per frame, an agent_rows x agent_columns grid of query averages over adaptive windows (rows
     floor(i*h/a) to ceil((i+1)*h/a), likewise columns). Agents attend to every key with the scale (and
-    ``key_bias``, (B|1, M)); image queries attend to the agents with scale ** agent_scale_power, plus
-    shortcut * their own v; queries outside the grid attend to every key. Full score matrices, float64.
+    ``key_bias``, (B|1, M)); image queries attend to the agents with scale ** agent_scale_power; queries
+    outside the grid attend to every key. Full score matrices, float64.
     """
     batch = q.shape[0]
     bias = _key_bias(key_bias, batch, k.shape[2])
@@ -130,9 +129,56 @@ def naive_agent_attention(q, k, v, layout, agent_rows: int, agent_columns: int, 
     agent_weights = torch.softmax(torch.einsum("bhad,bhmd->bham", agent, kd) * scale + bias[:, None, None], dim=-1)
     agent_values = torch.einsum("bham,bhme->bhae", agent_weights.nan_to_num(0.0), vd)
     out = torch.softmax(torch.einsum("bhnd,bhad->bhna", qd, agent) * scale ** agent_scale_power, dim=-1)
-    out = torch.einsum("bhna,bhae->bhne", out, agent_values) + shortcut * vd
+    out = torch.einsum("bhna,bhae->bhne", out, agent_values)
     exact = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", qd, kd) * scale + bias[:, None, None], dim=-1)
     exact = torch.einsum("bhnm,bhme->bhne", exact.nan_to_num(0.0), vd)
     image = torch.zeros(q.shape[2], dtype=torch.bool)
     image[layout.before:layout.before + layout.image_tokens] = True
     return torch.where(image[None, None, :, None], out, exact).to(q.dtype)
+
+
+def naive_window_attention(q, k, v, layout, window: int, downsample: int, key_bias: Optional[torch.Tensor] = None,
+                           scale: Optional[float] = None) -> torch.Tensor:
+    """Local window + pooled keys written out query by query: q, k (B, H, N, D), v (B, H, N, Dv) on one layout.
+
+    An image query at (frame, row, column) attends to the grid tokens of its window x window block (block
+    row // window, column // window of its frame) at full resolution, to every downsample x downsample window
+    of the grid outside that block pooled as naive_todo_attention pools it (weights exp(key bias), bias log of
+    their sum), and to the tokens outside the grid. Queries outside the grid attend to every key. float64.
+    """
+    batch = q.shape[0]
+    bias = _key_bias(key_bias, batch, k.shape[2])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qd, kd, vd = q.double(), k.double(), v.double()
+    exact = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", qd, kd) * scale + bias[:, None, None], dim=-1)
+    out = torch.einsum("bhnm,bhme->bhne", exact.nan_to_num(0.0), vd)
+    others = list(range(layout.before)) + list(range(layout.before + layout.image_tokens, k.shape[2]))
+    for b in range(batch):
+        pooled = []  # (block of the window, key, value, bias)
+        for frame in range(layout.frames):
+            for row in range(0, layout.height, downsample):
+                for column in range(0, layout.width, downsample):
+                    cells = [_grid_index(layout, frame, r, c)
+                             for r in range(row, min(row + downsample, layout.height))
+                             for c in range(column, min(column + downsample, layout.width))]
+                    weights = torch.exp(bias[b, cells])
+                    total = weights.sum()
+                    safe = total if total > 0 else torch.tensor(1.0, dtype=torch.float64)
+                    pooled.append(((frame, row // window, column // window),
+                                   (weights[None, :, None] * kd[b][:, cells]).sum(1) / safe,
+                                   (weights[None, :, None] * vd[b][:, cells]).sum(1) / safe, torch.log(total)))
+        for frame in range(layout.frames):
+            for row in range(layout.height):
+                for column in range(layout.width):
+                    block = (frame, row // window, column // window)
+                    local = [_grid_index(layout, frame, r, c)
+                             for r in range(block[1] * window, min((block[1] + 1) * window, layout.height))
+                             for c in range(block[2] * window, min((block[2] + 1) * window, layout.width))]
+                    far = [entry for entry in pooled if entry[0] != block]
+                    keys = torch.cat([kd[b][:, others + local]] + [e[1][:, None] for e in far], 1)
+                    values = torch.cat([vd[b][:, others + local]] + [e[2][:, None] for e in far], 1)
+                    logits_bias = torch.cat([bias[b, others + local]] + [e[3][None] for e in far])
+                    query = _grid_index(layout, frame, row, column)
+                    scores = torch.einsum("hd,hmd->hm", qd[b, :, query], keys) * scale + logits_bias
+                    out[b, :, query] = torch.einsum("hm,hme->he", torch.softmax(scores, -1).nan_to_num(0.0), values)
+    return out.to(q.dtype)

@@ -12,9 +12,11 @@ from .patch import APPLY_TO, backend_problem, patch_model, settings_for_model, u
 
 CATEGORY = "model_patches/attention"
 DESCRIPTION = (
-    "Runs the model's attention through the Efficient Attention (PoP) backends: exact torch SDPA, exact "
-    "region-masked attention, or linear Efficient Attention (approximate, O(N)). Returns a patched copy; the "
-    "input model is unchanged, so bypassing this node restores the original attention.")
+    "Runs the model's attention through the Efficient Attention (PoP) backends. Exact: auto (the default: the "
+    "image does not change), sdpa, masked (region masks without a full score matrix). Faster but approximate: "
+    "todo (keys and values pooled on the image grid: the closest to exact at high resolution), agent, linear. "
+    "The quality guard (max_error) keeps an approximation only on the layers where it stays close. Returns a "
+    "patched copy; the input model is unchanged, so bypassing this node restores the original attention.")
 # Words people type into the node search for this node. ComfyUI versions with search aliases (V1 SEARCH_ALIASES,
 # V3 io.Schema(search_aliases=...)) match them; older ones search the name and display name only.
 SEARCH_ALIASES = ["attention", "efficient", "efficient attention", "sdpa", "linear attention", "masked attention",

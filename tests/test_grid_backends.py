@@ -1,8 +1,9 @@
-"""The approximate backends that need a token layout: todo (pooled keys) and agent (agent tokens).
+"""The approximate backends that need a token layout: todo (pooled keys), agent (agent tokens) and window
+(local windows at full resolution plus pooled distant keys).
 
-Each against its window-by-window reference in naive.py over many layouts, dtypes and key-padding masks;
-todo against torch SDPA where pooling loses nothing (keys and values constant on every window); what each
-refuses, with the reasons; and that "auto" never picks them.
+Each against its written-out reference in naive.py over many layouts, dtypes and key-padding masks; todo and
+window against torch SDPA where they lose nothing (keys and values constant on every pooling window; one window
+covering the whole grid); what each refuses, with the reasons; and that "auto" never picks them.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from efficient_attention_pop.attention import BACKENDS, RegionMask, TokenLayout, attention, explain, why_not
-from efficient_attention_pop.attention.backends.agent import AGENT_SCALE_POWER, SHORTCUT, agent_grid
-from efficient_attention_pop.attention.naive import naive_agent_attention, naive_todo_attention
+from efficient_attention_pop.attention.backends.agent import AGENT_SCALE_POWER, agent_grid
+from efficient_attention_pop.attention.backends import window as window_backend
+from efficient_attention_pop.attention.naive import naive_agent_attention, naive_todo_attention, naive_window_attention
 
 from helpers import assert_close
 
@@ -91,18 +93,46 @@ def test_agent_matches_its_reference(layout, agents, masked, seed):
     out = run("agent", q, k, v, mask, layout=layout, agents=agents)
     rows, columns = agent_grid(layout, agents)
     assert rows * columns <= layout.height * layout.width
-    reference = naive_agent_attention(q, k, v, layout, rows, columns, AGENT_SCALE_POWER, SHORTCUT, key_bias)
+    reference = naive_agent_attention(q, k, v, layout, rows, columns, AGENT_SCALE_POWER, key_bias)
     assert_close(out, reference, torch.float32, "agent")
+
+
+@settings(max_examples=25, deadline=None)
+@given(layout=layouts, window=st.sampled_from([8, 16]), downsample=st.sampled_from([2, 4]), masked=st.booleans(),
+       seed=st.integers(0, 99))
+def test_window_matches_its_reference(layout, window, downsample, masked, seed):
+    q, k, v = split_inputs(layout, seed=seed)
+    mask, key_bias = padding_mask(layout, 2, torch.Generator().manual_seed(seed)) if masked else (None, None)
+    out = run("window", q, k, v, mask, layout=layout, window=window, downsample=downsample)
+    reference = naive_window_attention(q, k, v, layout, window, downsample, key_bias)
+    assert_close(out, reference, torch.float32, "window")
+
+
+def test_window_in_chunks_of_blocks(monkeypatch):
+    """Many blocks, a few per SDPA call: the same result as all blocks in one call."""
+    layout = TokenLayout(2, 24, 20, before=3)
+    q, k, v = split_inputs(layout)
+    whole = run("window", q, k, v, layout=layout, window=8, downsample=2)
+    monkeypatch.setattr(window_backend, "CHUNK_KEY_BYTES", 1)
+    torch.testing.assert_close(run("window", q, k, v, layout=layout, window=8, downsample=2), whole)
+
+
+def test_window_covering_the_grid_is_exact():
+    layout = TokenLayout(1, 7, 8, before=4, after=2)
+    q, k, v = split_inputs(layout, heads=3)
+    torch.testing.assert_close(run("window", q, k, v, layout=layout, window=8, downsample=2),
+                               F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_fully_masked_keys_give_zeros_not_nan():
     layout = TokenLayout(1, 4, 4, before=2)
     q, k, v = split_inputs(layout)
     mask = torch.zeros(2, 1, 1, 18, dtype=torch.bool)
-    for backend, options in (("todo", dict(downsample=2)), ("agent", dict(agents=4))):
+    for backend, options in (("todo", dict(downsample=2)), ("agent", dict(agents=4)), ("window", dict(window=8))):
         out = run(backend, q, k, v, mask, layout=layout, **options)
         assert torch.isfinite(out).all()
     assert run("todo", q, k, v, mask, layout=layout).abs().max() == 0
+    assert run("window", q, k, v, mask, layout=layout).abs().max() == 0
 
 
 def test_refusals_say_why():
@@ -121,8 +151,10 @@ def test_refusals_say_why():
                                                                layout=layout))
     assert any("is_causal" in r for r in why_not("todo", q, k, v, 2, skip_reshape=True, layout=layout, is_causal=True))
     assert any("downsample=5" in r for r in why_not("todo", q, k, v, 2, skip_reshape=True, layout=layout, downsample=5))
-    assert any("6 queries and 18 keys" in r for r in why_not("agent", q[:, :, :6], k, v, 2, skip_reshape=True,
-                                                             layout=layout))
+    for name in ("agent", "window"):
+        assert any("6 queries and 18 keys" in r for r in why_not(name, q[:, :, :6], k, v, 2, skip_reshape=True,
+                                                                 layout=layout))
+    assert any("window=12" in r for r in why_not("window", q, k, v, 2, skip_reshape=True, layout=layout, window=12))
     with pytest.raises(ValueError, match="takes no option agents"):
         run("todo", q, k, v, layout=layout, agents=4)
 
@@ -132,7 +164,7 @@ def test_auto_never_picks_them():
     q, k, v = split_inputs(layout)
     explanation = explain(q, k, v, 2, skip_reshape=True, layout=layout)
     assert explanation.chosen == "sdpa"
-    for name in ("todo", "agent"):
+    for name in ("todo", "agent", "window"):
         assert not BACKENDS[name].exact
         assert explanation.passed_over[name] == ["approximate: used only when asked for by name"]
 
