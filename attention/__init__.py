@@ -7,10 +7,10 @@ from .dispatch import (AUTO_PRIORITY, BACKENDS, BackendNotSupported, Explanation
                        prepare_call, register_backend, run_call, select_backend, why_not)
 from .heads import HEADS_MISSING, merge_heads, split_heads
 from .layout import TokenLayout
-from .masks import NormalizedMask, RegionMask, allows_everything, normalize_mask
+from .masks import NormalizedMask, RegionMask, normalize_mask
 
 __all__ = [
     "AUTO_PRIORITY", "AttentionCall", "BACKENDS", "Backend", "BackendNotSupported", "Explanation", "HEADS_MISSING",
-    "NormalizedMask", "RegionMask", "allows_everything", "attention", "availability", "explain", "merge_heads",
+    "NormalizedMask", "RegionMask", "attention", "availability", "explain", "merge_heads",
     "normalize_mask", "prepare_call", "register_backend", "run_call", "select_backend", "split_heads", "TokenLayout", "why_not",
 ]

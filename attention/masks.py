@@ -159,10 +159,3 @@ def rows_without_keys(dense: torch.Tensor) -> torch.Tensor:
     if dense.dtype == torch.bool:
         return ~dense.any(dim=-1, keepdim=True)
     return torch.isneginf(dense).all(dim=-1, keepdim=True)
-
-
-def allows_everything(mask: torch.Tensor) -> bool:
-    """True for a dense mask that changes nothing (all True, or all 0 additive)."""
-    if mask.dtype == torch.bool:
-        return bool(mask.all())
-    return bool((mask == 0).all())
