@@ -137,14 +137,15 @@ def naive_agent_attention(q, k, v, layout, agent_rows: int, agent_columns: int, 
     return torch.where(image[None, None, :, None], out, exact).to(q.dtype)
 
 
-def naive_window_attention(q, k, v, layout, window: int, downsample: int, key_bias: Optional[torch.Tensor] = None,
-                           scale: Optional[float] = None) -> torch.Tensor:
-    """Local window + pooled keys written out query by query: q, k (B, H, N, D), v (B, H, N, Dv) on one layout.
+def naive_window_attention(q, k, v, layout, window: int, downsample: int, halo: int,
+                           key_bias: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+    """Local neighbourhood + pooled keys written out query by query: q, k (B, H, N, D), v (B, H, N, Dv) on one layout.
 
-    An image query at (frame, row, column) attends to the grid tokens of its window x window block (block
-    row // window, column // window of its frame) at full resolution, to every downsample x downsample window
-    of the grid outside that block pooled as naive_todo_attention pools it (weights exp(key bias), bias log of
-    their sum), and to the tokens outside the grid. Queries outside the grid attend to every key. float64.
+    An image query at (frame, row, column) lies in block (row // window, column // window); its neighbourhood is
+    the block grown by ``halo`` on every side. It attends to the grid tokens of its neighbourhood at full
+    resolution, to every downsample x downsample window of the grid not inside the neighbourhood pooled as
+    naive_todo_attention pools it (weights exp(key bias), bias log of their sum), and to the tokens outside the
+    grid. Queries outside the grid attend to every key. float64.
     """
     batch = q.shape[0]
     bias = _key_bias(key_bias, batch, k.shape[2])
@@ -154,30 +155,30 @@ def naive_window_attention(q, k, v, layout, window: int, downsample: int, key_bi
     out = torch.einsum("bhnm,bhme->bhne", exact.nan_to_num(0.0), vd)
     others = list(range(layout.before)) + list(range(layout.before + layout.image_tokens, k.shape[2]))
     for b in range(batch):
-        pooled = []  # (block of the window, key, value, bias)
+        pooled = []  # (frame, its rows, its columns, key, value, bias)
         for frame in range(layout.frames):
             for row in range(0, layout.height, downsample):
                 for column in range(0, layout.width, downsample):
-                    cells = [_grid_index(layout, frame, r, c)
-                             for r in range(row, min(row + downsample, layout.height))
-                             for c in range(column, min(column + downsample, layout.width))]
+                    rows = range(row, min(row + downsample, layout.height))
+                    columns = range(column, min(column + downsample, layout.width))
+                    cells = [_grid_index(layout, frame, r, c) for r in rows for c in columns]
                     weights = torch.exp(bias[b, cells])
                     total = weights.sum()
                     safe = total if total > 0 else torch.tensor(1.0, dtype=torch.float64)
-                    pooled.append(((frame, row // window, column // window),
-                                   (weights[None, :, None] * kd[b][:, cells]).sum(1) / safe,
+                    pooled.append((frame, rows, columns, (weights[None, :, None] * kd[b][:, cells]).sum(1) / safe,
                                    (weights[None, :, None] * vd[b][:, cells]).sum(1) / safe, torch.log(total)))
         for frame in range(layout.frames):
             for row in range(layout.height):
                 for column in range(layout.width):
-                    block = (frame, row // window, column // window)
-                    local = [_grid_index(layout, frame, r, c)
-                             for r in range(block[1] * window, min((block[1] + 1) * window, layout.height))
-                             for c in range(block[2] * window, min((block[2] + 1) * window, layout.width))]
-                    far = [entry for entry in pooled if entry[0] != block]
-                    keys = torch.cat([kd[b][:, others + local]] + [e[1][:, None] for e in far], 1)
-                    values = torch.cat([vd[b][:, others + local]] + [e[2][:, None] for e in far], 1)
-                    logits_bias = torch.cat([bias[b, others + local]] + [e[3][None] for e in far])
+                    top, left = (row // window) * window - halo, (column // window) * window - halo
+                    near_rows = range(max(0, top), min(layout.height, top + window + 2 * halo))
+                    near_columns = range(max(0, left), min(layout.width, left + window + 2 * halo))
+                    local = [_grid_index(layout, frame, r, c) for r in near_rows for c in near_columns]
+                    far = [entry for entry in pooled if not (entry[0] == frame and set(entry[1]) <= set(near_rows)
+                                                             and set(entry[2]) <= set(near_columns))]
+                    keys = torch.cat([kd[b][:, others + local]] + [e[3][:, None] for e in far], 1)
+                    values = torch.cat([vd[b][:, others + local]] + [e[4][:, None] for e in far], 1)
+                    logits_bias = torch.cat([bias[b, others + local]] + [e[5][None] for e in far])
                     query = _grid_index(layout, frame, row, column)
                     scores = torch.einsum("hd,hmd->hm", qd[b, :, query], keys) * scale + logits_bias
                     out[b, :, query] = torch.einsum("hm,hme->he", torch.softmax(scores, -1).nan_to_num(0.0), values)

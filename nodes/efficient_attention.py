@@ -29,17 +29,19 @@ BACKEND_CHOICES = usable_backends()  # what this machine can run; a saved workfl
 # ComfyUI type name.
 INPUTS = [
     ("backend", "COMBO", {"default": "auto", "options": BACKEND_CHOICES},
-     "auto: the fastest exact backend for each call. sdpa: exact, torch scaled_dot_product_attention. masked: "
-     "exact, every mask form without a full score matrix. todo: APPROXIMATE, keys and values pooled on the image "
-     "grid (ToDo): faster at high resolution, close to exact. agent: APPROXIMATE, agent attention. linear: "
+     "auto: the fastest exact backend for each call (the image does not change). sdpa: exact, torch "
+     "scaled_dot_product_attention. masked: exact, every mask form without a full score matrix. window: "
+     "APPROXIMATE, exact attention in each token's neighbourhood plus the rest pooled: the closest to exact for "
+     "its speed at high resolution. todo: APPROXIMATE, keys and values pooled on the image grid (ToDo). linear: "
      "APPROXIMATE, Efficient Attention (Shen et al. 2021), O(N), changes the image of models trained with softmax "
      "attention. *_triton: fused GPU kernels. Only the backends this machine can run are listed; a workflow saved "
      "with another one stops at this node with the reason."),
     ("downsample", "INT", {"default": 2, "min": 2, "max": 4, "step": 1},
-     "Only for todo: keys and values are averaged over downsample x downsample image tokens (2: 4x fewer keys, "
-     "4: 16x fewer). Higher is faster and further from exact."),
-    ("agents", "INT", {"default": 256, "min": 16, "max": 4096, "step": 16},
-     "Only for agent: the number of agent tokens per frame (pooled from the queries). More is slower and closer."),
+     "Only for todo and window: distant keys and values are averaged over downsample x downsample image tokens "
+     "(2: 4x fewer, 4: 16x fewer). Higher is faster and further from exact. todo takes 2, 3 or 4; window 2 or 4."),
+    ("window", "INT", {"default": 16, "min": 8, "max": 32, "step": 8},
+     "Only for window: each token attends exactly to its window x window block of the image and a window/4 margin "
+     "around it (8, 16 or 32 tokens; larger is closer to exact and slower)."),
     ("max_error", "FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.01},
      "Only for approximate backends: the quality guard. 0 = off. Otherwise each layer's approximation is measured "
      "against exact attention in the first step of every run (that step runs exact, so it costs a little more) "
@@ -72,7 +74,7 @@ INPUTS = [
      "QK layernorm: normalise q and k per head (no affine parameters) before attention. Changes the output; "
      "can tame attention in very long sequences."),
 ]
-BACKEND_OPTIONS = {"downsample": "todo", "agents": "agent"}  # node input -> the backend it is an option of
+BACKEND_OPTIONS = {"downsample": ("todo", "window"), "window": ("window",)}  # node input -> backends it is an option of
 MASK_TOOLTIP = ("Optional region mask (white = inside), resized to each attention layer's token grid; it shapes "
                 "image-to-image attention only. Batch 1 applies to every image; a larger batch is matched to the "
                 "latent batch.")
@@ -84,12 +86,12 @@ def validate_backend(backend):
     return backend_problem(backend) or True
 
 
-def apply_efficient_attention(model, backend, downsample=2, agents=256, max_error=0.0, strength=1.0,
+def apply_efficient_attention(model, backend, downsample=2, window=16, max_error=0.0, strength=1.0,
                               apply_to="both", min_tokens=0, start_percent=0.0, end_percent=1.0,
                               mask_mode="isolate regions", heads=0, layernorm=False, mask=None):
     """The node's function, shared by the classic and the V3 definitions: returns the patched clone."""
-    choices = {"downsample": downsample, "agents": agents}
-    options = {name: value for name, value in choices.items() if BACKEND_OPTIONS[name] == backend}
+    choices = {"downsample": downsample, "window": window}
+    options = {name: value for name, value in choices.items() if backend in BACKEND_OPTIONS[name]}
     settings = settings_for_model(
         model, start_percent=start_percent, end_percent=end_percent, backend=backend, heads=heads,
         layernorm=layernorm, apply_to=apply_to, min_tokens=min_tokens, strength=strength, mask=mask,

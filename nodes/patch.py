@@ -446,17 +446,21 @@ def unet_transformer_blocks(diffusion_model):
 
 
 def usable_backends():
-    """"auto" and the backends that can run on this machine, in the order the node lists them."""
-    return ["auto"] + [name for name, backend in BACKENDS.items() if backend.unavailable_reason() is None]
+    """"auto" and the backends the node offers that can run on this machine, in the order the node lists them."""
+    return ["auto"] + [name for name, backend in BACKENDS.items()
+                       if backend.not_in_node is None and backend.unavailable_reason() is None]
 
 
 def backend_problem(backend: str) -> Optional[str]:
     """Why the node cannot use ``backend`` on this machine (None when it can), in words for the node's user."""
-    if backend == "auto" or (backend in BACKENDS and BACKENDS[backend].unavailable_reason() is None):
+    if backend in usable_backends():
         return None
     choices = ", ".join(usable_backends())
     if backend not in BACKENDS:
         return f"{NODE_NAME}: unknown backend {backend!r}; choose one of {choices}"
+    if BACKENDS[backend].not_in_node:
+        return f"{NODE_NAME}: backend {backend!r} is not offered by the node: {BACKENDS[backend].not_in_node}; " \
+               f"choose one of {choices}"
     return (f"{NODE_NAME}: backend {backend!r} is not available on this machine "
             f"({BACKENDS[backend].unavailable_reason()}); choose one of {choices}")
 

@@ -37,7 +37,7 @@ SCREENSHOTS_ENV = "EFFICIENT_ATTENTION_POP_SCREENSHOTS"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 NODE_TITLE = "Efficient Attention (PoP)"
-NODE = dict(backend="sdpa", downsample=2, agents=256, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
+NODE = dict(backend="sdpa", downsample=2, window=16, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
             start_percent=0.0, end_percent=1.0, mask_mode="isolate regions", heads=0, layernorm=False)
 OUR_NODE_ID = 6  # txt2latent_workflow's id for the node
 

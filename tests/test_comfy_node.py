@@ -12,7 +12,7 @@ from efficient_attention_pop.attention import RegionMask
 from efficient_attention_pop.nodes import patch as patch_module
 from efficient_attention_pop.nodes.efficient_attention import EfficientAttentionPoP, apply_efficient_attention
 
-DEFAULTS = dict(backend="auto", downsample=2, agents=256, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
+DEFAULTS = dict(backend="auto", downsample=2, window=16, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
                 start_percent=0.0, end_percent=1.0, mask_mode="isolate regions", heads=0, layernorm=False)
 LATENT = (2, 4, 16, 16)  # attention levels: 16x16 = 256 tokens and 8x8 = 64 tokens
 CONTEXT_TOKENS = 7

@@ -12,7 +12,7 @@ import torch
 import comfy_env
 from comfy_server import ComfyServer, txt2latent_workflow, write_tiny_sd15
 
-NODE = dict(backend="sdpa", downsample=2, agents=256, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
+NODE = dict(backend="sdpa", downsample=2, window=16, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
             start_percent=0.0, end_percent=1.0, mask_mode="isolate regions", heads=0, layernorm=False)
 
 

@@ -173,7 +173,7 @@ def test_v3_node_is_registered_and_behaves_like_the_classic_one(comfy, flux, flu
     assert issubclass(node, io.ComfyNode)
     schema = node.GET_SCHEMA()
     assert schema.display_name == "Efficient Attention (PoP)" and schema.category == "model_patches/attention"
-    assert [i.id for i in schema.inputs] == ["model", "backend", "downsample", "agents", "max_error", "strength",
+    assert [i.id for i in schema.inputs] == ["model", "backend", "downsample", "window", "max_error", "strength",
                                              "apply_to", "min_tokens", "start_percent", "end_percent", "mask_mode",
                                              "heads", "layernorm", "mask"]
     assert all(i.tooltip for i in schema.inputs)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from efficient_attention_pop.attention import BACKENDS, RegionMask, TokenLayout, attention, explain, why_not
 from efficient_attention_pop.attention.backends.agent import AGENT_SCALE_POWER, agent_grid
 from efficient_attention_pop.attention.backends import window as window_backend
+from efficient_attention_pop.attention.backends.window import halo_for
 from efficient_attention_pop.attention.naive import naive_agent_attention, naive_todo_attention, naive_window_attention
 
 from helpers import assert_close
@@ -104,7 +105,7 @@ def test_window_matches_its_reference(layout, window, downsample, masked, seed):
     q, k, v = split_inputs(layout, seed=seed)
     mask, key_bias = padding_mask(layout, 2, torch.Generator().manual_seed(seed)) if masked else (None, None)
     out = run("window", q, k, v, mask, layout=layout, window=window, downsample=downsample)
-    reference = naive_window_attention(q, k, v, layout, window, downsample, key_bias)
+    reference = naive_window_attention(q, k, v, layout, window, downsample, halo_for(window, downsample), key_bias)
     assert_close(out, reference, torch.float32, "window")
 
 

@@ -46,7 +46,7 @@ def test_input_types_have_every_option_with_a_tooltip():
     node = classic_node("pack-inputs")
     types = node.INPUT_TYPES()
     required, optional = types["required"], types["optional"]
-    assert list(required) == ["model", "backend", "downsample", "agents", "max_error", "strength", "apply_to",
+    assert list(required) == ["model", "backend", "downsample", "window", "max_error", "strength", "apply_to",
                               "min_tokens", "start_percent", "end_percent", "mask_mode", "heads", "layernorm"]
     assert list(optional) == ["mask"] and optional["mask"][0] == "MASK"
     assert required["model"][0] == "MODEL"

@@ -47,6 +47,7 @@ class Backend:
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     devices = ("cpu", "cuda")
     option_defaults: Dict[str, object] = {}  # the options this backend takes, with their defaults
+    not_in_node: Optional[str] = None  # why the ComfyUI node does not offer this backend (None: it does)
     benchmark_options: Tuple[Dict[str, object], ...] = ({},)  # the option sets the quality benchmark measures
 
     def unavailable_reason(self) -> Optional[str]:

@@ -1,13 +1,14 @@
 """Local windows at full resolution plus pooled distant keys (in the spirit of HiDiffusion's MSW-MSA and ToDo).
 
 The image grid is cut into window x window blocks. A query of a block attends, in one softmax, to
-- the keys of its own block at full resolution,
-- the keys of every other block pooled downsample x downsample, each with the log-count bias of todo.py
-  (the own block's pooled keys are left out: its tokens are already there at full resolution),
+- the keys of its neighbourhood at full resolution: its block and a halo of window / 4 tokens around it (so
+  no query sits at the edge of its own neighbourhood's block),
+- the rest of the grid pooled downsample x downsample, each pooled key with the log-count bias of todo.py
+  (the pooled keys inside the neighbourhood are left out: those tokens are already there at full resolution),
 - the tokens outside the grid (text, reference images), as they are.
 Trained diffusion models attend sharply to their neighbourhood and broadly further away: the neighbourhood
 stays exact, the rest is summarised. Queries outside the grid attend to every key exactly (they are few).
-Cost per image query: window² + M_grid / downsample² + M_other keys.
+Cost per image query: (window + 2 halo)² + M_grid / downsample² + M_other keys.
 """
 from __future__ import annotations
 
@@ -28,14 +29,23 @@ DOWNSAMPLE_FACTORS = (2, 4)
 CHUNK_KEY_BYTES = 64 << 20
 
 
-def _blocks(t: torch.Tensor, layout: TokenLayout, window: int) -> torch.Tensor:
-    """Grid tokens (B, H, F*h*w, D), zero-padded to whole windows -> (B, F*bh*bw, H, window², D)."""
+def halo_for(window: int, downsample: int) -> int:
+    """The neighbourhood's margin around a block: window / 4, rounded up to whole pooling windows (so every
+    pooling window is either inside a neighbourhood or outside it)."""
+    return downsample * math.ceil(window / 4 / downsample)
+
+
+def _blocks(t: torch.Tensor, layout: TokenLayout, window: int, halo: int = 0) -> torch.Tensor:
+    """Grid tokens (B, H, F*h*w, D) -> each block with ``halo`` tokens around it, (B, F*bh*bw, H, (window+2 halo)², D);
+    cells outside the grid are zeros."""
     batch, heads, _, dim = t.shape
     blocks_h, blocks_w = math.ceil(layout.height / window), math.ceil(layout.width / window)
     grid = t.reshape(batch, heads, layout.frames, layout.height, layout.width, dim)
-    grid = F.pad(grid, (0, 0, 0, blocks_w * window - layout.width, 0, blocks_h * window - layout.height))
-    grid = grid.view(batch, heads, layout.frames, blocks_h, window, blocks_w, window, dim)
-    return grid.permute(0, 2, 3, 5, 1, 4, 6, 7).reshape(batch, -1, heads, window * window, dim)
+    grid = F.pad(grid, (0, 0, halo, blocks_w * window - layout.width + halo, halo,
+                        blocks_h * window - layout.height + halo))
+    side = window + 2 * halo
+    grid = grid.unfold(3, side, window).unfold(4, side, window)  # (B, H, F, bh, bw, D, side, side)
+    return grid.permute(0, 2, 3, 4, 1, 6, 7, 5).reshape(batch, -1, heads, side * side, dim)
 
 
 def _unblock(blocks: torch.Tensor, layout: TokenLayout, window: int) -> torch.Tensor:
@@ -67,30 +77,37 @@ def window_attention(call: AttentionCall, layout: TokenLayout, window: int, down
     pooled_v = (pool_grid(v[:, :, grid] * weights, layout, downsample) / normaliser).to(work)
     pooled_bias = torch.log(window_weight[:, 0, :, 0]) + shift  # (B|1, P)
 
-    # which block each pooled key lies in (window is a multiple of downsample, so each lies in exactly one)
+    # which pooled keys lie in each block's neighbourhood (halo and window are whole pooling windows)
+    halo = halo_for(window, downsample)
     pooled_h, pooled_w = math.ceil(layout.height / downsample), math.ceil(layout.width / downsample)
     blocks_h, blocks_w = math.ceil(layout.height / window), math.ceil(layout.width / window)
-    ratio = window // downsample
-    rows = torch.arange(pooled_h, device=q.device) // ratio
-    columns = torch.arange(pooled_w, device=q.device) // ratio
-    frames = torch.arange(layout.frames, device=q.device)
-    pooled_block = ((frames[:, None, None] * blocks_h + rows[None, :, None]) * blocks_w
-                    + columns[None, None, :]).flatten()  # (P,)
+
+    def inside(pooled_count, block_count, size):  # (blocks along one axis, pooled windows along it)
+        start = torch.arange(pooled_count, device=q.device) * downsample
+        stop = (start + downsample).clamp_max(size)
+        low = torch.arange(block_count, device=q.device)[:, None] * window - halo
+        return (start[None] >= low) & (stop[None] <= low + window + 2 * halo)
+
+    rows, columns = inside(pooled_h, blocks_h, layout.height), inside(pooled_w, blocks_w, layout.width)
+    frames = torch.eye(layout.frames, dtype=torch.bool, device=q.device)
+    neighbourhood = (frames[:, None, None, :, None, None] & rows[None, :, None, None, :, None]
+                     & columns[None, None, :, None, None, :])  # (F, bh, bw, F, ph, pw)
     blocks = layout.frames * blocks_h * blocks_w
+    neighbourhood = neighbourhood.reshape(blocks, -1)  # (blocks, P)
 
     others = torch.cat([torch.arange(layout.before, device=q.device), torch.arange(grid.stop, m, device=q.device)])
     shared_k = torch.cat([k[:, :, others], pooled_k.expand(batch, -1, -1, -1)], dim=2)  # (B, H, S, D)
     shared_v = torch.cat([v[:, :, others], pooled_v.expand(batch, -1, -1, -1)], dim=2)
     shared_bias = torch.cat([bias[:, others], pooled_bias.expand(bias_batch, -1)], dim=1)  # (B|1, S)
-    own_block = torch.arange(blocks, device=q.device)[:, None] == pooled_block[None, :]  # (blocks, P)
 
-    local_k, local_v, local_q = (_blocks(t[:, :, grid], layout, window) for t in (k, v, q))
-    local_bias = _blocks(bias[:, None, grid, None], layout, window)[..., 0]  # (B|1, blocks, 1, window²)
-    padded = _blocks(torch.ones(1, 1, layout.image_tokens, 1, device=q.device), layout, window)[..., 0] == 0
-    local_bias = local_bias.masked_fill(padded, float("-inf"))  # padding keys outside the grid
+    local_q = _blocks(q[:, :, grid], layout, window)
+    local_k, local_v = (_blocks(t[:, :, grid], layout, window, halo) for t in (k, v))
+    local_bias = _blocks(bias[:, None, grid, None], layout, window, halo)[..., 0]  # (B|1, blocks, 1, side²)
+    padded = _blocks(torch.ones(1, 1, layout.image_tokens, 1, device=q.device), layout, window, halo)[..., 0] == 0
+    local_bias = local_bias.masked_fill(padded, float("-inf"))  # neighbourhood cells outside the grid
 
     out_blocks = torch.empty(batch, blocks, heads, window * window, v.shape[-1], dtype=work, device=q.device)
-    keys_per_block = shared_k.shape[2] + window * window
+    keys_per_block = shared_k.shape[2] + local_k.shape[3]
     chunk = max(1, CHUNK_KEY_BYTES // max(1, batch * heads * keys_per_block * k.shape[-1] * 4))
     for start in range(0, blocks, chunk):
         stop = min(blocks, start + chunk)
@@ -99,8 +116,8 @@ def window_attention(call: AttentionCall, layout: TokenLayout, window: int, down
         values = torch.cat([shared_v[:, None].expand(-1, count, -1, -1, -1), local_v[:, start:stop]], dim=3)
         mask = torch.cat([shared_bias[:, None, None, :].expand(-1, count, 1, -1).clone(),
                           local_bias[:, start:stop].expand(bias_batch, -1, -1, -1)], dim=3)
-        pooled_part = mask[..., others.numel():others.numel() + own_block.shape[1]]
-        pooled_part.masked_fill_(own_block[start:stop, None, :], float("-inf"))
+        pooled_part = mask[..., others.numel():others.numel() + neighbourhood.shape[1]]
+        pooled_part.masked_fill_(neighbourhood[start:stop, None, :], float("-inf"))
         mask = mask.expand(batch, -1, -1, -1)
         flat = batch * count
         out_blocks[:, start:stop] = sdpa_dense(
@@ -119,11 +136,12 @@ def window_attention(call: AttentionCall, layout: TokenLayout, window: int, down
 class WindowBackend(Backend):
     name = "window"
     exact = False
-    description = ("approximate; exact attention within each query's window x window block of the image grid plus "
-                   "the rest pooled downsample x downsample (log-count bias), text kept; needs a layout and "
-                   "self-attention")
+    description = ("approximate; exact attention within each query's neighbourhood (its window x window block of the "
+                   "image grid and a window/4 halo) plus the rest pooled downsample x downsample (log-count bias), "
+                   "text kept; needs a layout and self-attention")
     option_defaults = {"window": 16, "downsample": 4}
-    benchmark_options = ({"window": 8, "downsample": 2}, {"window": 16, "downsample": 4},
+    benchmark_options = ({"window": 8, "downsample": 2}, {"window": 8, "downsample": 4},
+                         {"window": 16, "downsample": 2}, {"window": 16, "downsample": 4},
                          {"window": 32, "downsample": 4})
 
     def not_supported_reasons(self, call: AttentionCall) -> List[str]:
