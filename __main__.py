@@ -99,7 +99,7 @@ def quality(args) -> int:
           f"{setup.guidance}, sizes {list(sizes)} px, device={args.device}, torch {torch.__version__}, "
           f"threads={torch.get_num_threads()}")
     started = time.perf_counter()
-    rows, notes = run(model, sizes, setup, args.backends)
+    rows, notes = run(model, sizes, setup, args.backends, args.max_errors or ())
     print(format_table(rows))
     for note in notes:
         print(f"note: {note}")
@@ -142,6 +142,9 @@ def main(argv=None) -> int:
     quality_parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 3, 1 quick)")
     quality_parser.add_argument("--steps", type=int, default=None,
                                 help="sampling steps (default 12, 8 quick; 4 with --comfyui-model)")
+    quality_parser.add_argument("--max-error", dest="max_errors", type=float, action="append",
+                                help="also measure every approximate backend under the node's quality guard with this "
+                                     "bound (repeatable)")
     quality_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     quality_parser.add_argument("--json", help="also write the rows to this file, one JSON object per row")
     quality_parser.add_argument("--comfyui-model", metavar="FILE",

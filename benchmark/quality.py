@@ -35,24 +35,45 @@ EXACT = "exact"  # the model's own attention (torch SDPA): the reference every r
 
 @dataclass(frozen=True)
 class Variant:
-    """One backend with one option set."""
+    """One backend with one option set, and the node's quality guard around it (max_error > 0)."""
 
     backend: str
     options: Tuple[Tuple[str, object], ...] = ()
+    max_error: float = 0.0
 
     @property
     def label(self) -> str:
-        return " ".join([self.backend] + [f"{name}={value}" for name, value in self.options])
+        guard = [f"max_error={self.max_error:g}"] if self.max_error else []
+        return " ".join([self.backend] + [f"{name}={value}" for name, value in self.options] + guard)
 
     def attention_fn(self) -> Callable:
-        """The proxy model's attention hook running this backend: (q, k, v, layout, layer) -> out, all (B, H, N, D)."""
+        """The proxy model's attention hook running this backend: (q, k, v, layout, layer) -> out, all (B, H, N, D).
+        With max_error, a fresh quality guard as the node runs it (one sampling run per hook)."""
         options = dict(self.options)
 
         def run(q, k, v, layout, layer_index):
             return attention(q, k, v, q.shape[1], backend=self.backend, layout=layout, skip_reshape=True,
                              skip_output_reshape=True, **options)
 
-        return run
+        if not self.max_error:
+            return run
+        from ..nodes.guard import QualityGuard, compare
+
+        guard = QualityGuard(self.max_error)
+
+        def guarded(q, k, v, layout, layer_index):
+            if layer_index == 0 and guard.layers:
+                guard.end_model_call()  # the model starts its next call
+            key = (layer_index, q.shape[2], k.shape[2])
+            if guard.should_measure(key):
+                exact = F.scaled_dot_product_attention(q, k, v)
+                guard.record(key, q.shape[2], *compare(run(q, k, v, layout, layer_index), exact))
+                return exact
+            if guard.uses_approximation(key):
+                return run(q, k, v, layout, layer_index)
+            return F.scaled_dot_product_attention(q, k, v)
+
+        return guarded
 
 
 @dataclass
@@ -62,6 +83,7 @@ class QualityRow:
     backend: str
     options: Dict[str, object]
     exact: bool
+    max_error: float
     image_size: int
     tokens: int
     attention_speedup: float
@@ -88,8 +110,10 @@ DEFAULT_SIZES = (32, 64, 128)  # 1x, 4x and 16x the training token count (256 im
 QUICK_SIZES = (32, 64)
 
 
-def variants(backends: Optional[Sequence[str]] = None) -> Tuple[List[Variant], List[str]]:
-    """Every backend's benchmark option sets (or those of ``backends``), and notes on the backends left out."""
+def variants(backends: Optional[Sequence[str]] = None, max_errors: Sequence[float] = ()
+             ) -> Tuple[List[Variant], List[str]]:
+    """Every backend's benchmark option sets (or those of ``backends``), each approximate one also under the
+    quality guard at every bound of ``max_errors``; and notes on the backends left out."""
     chosen, notes = [], []
     for name, backend in BACKENDS.items():
         if backends is not None and name not in backends:
@@ -98,7 +122,11 @@ def variants(backends: Optional[Sequence[str]] = None) -> Tuple[List[Variant], L
         if reason:
             notes.append(f"{name}: not measured ({reason})")
             continue
-        chosen.extend(Variant(name, tuple(sorted(options.items()))) for options in backend.benchmark_options)
+        for options in backend.benchmark_options:
+            frozen = tuple(sorted(options.items()))
+            chosen.append(Variant(name, frozen))
+            if not backend.exact:
+                chosen.extend(Variant(name, frozen, bound) for bound in max_errors)
     return chosen, notes
 
 
@@ -202,9 +230,9 @@ def serves_proxy(model, variant: Variant, size: int) -> List[str]:
 
 
 def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Sequence[str]] = None,
-        progress=sys.stderr) -> Tuple[List[QualityRow], List[str]]:
+        max_errors: Sequence[float] = (), progress=sys.stderr) -> Tuple[List[QualityRow], List[str]]:
     """The quality table: one row per size and variant; and notes on what was left out."""
-    measured_all, notes = variants(backends)
+    measured_all, notes = variants(backends, max_errors)
     rows: List[QualityRow] = []
     started = time.perf_counter()
     for size_index, size in enumerate(sizes, 1):
@@ -231,7 +259,7 @@ def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Seq
             attention_seconds, denoiser_seconds = timings[variant.label]
             mean_cosine, mean_rel_l2 = errors.mean(variant.label)
             rows.append(QualityRow(
-                variant.backend, dict(variant.options), BACKENDS[variant.backend].exact, size, tokens,
+                variant.backend, dict(variant.options), BACKENDS[variant.backend].exact, variant.max_error, size, tokens,
                 exact_attention / attention_seconds, exact_denoiser / denoiser_seconds,
                 float(psnr_db(images, exact_images).mean()), float(ssim(images, exact_images).mean()),
                 mean_cosine, mean_rel_l2))
@@ -258,7 +286,8 @@ def format_table(rows: List[QualityRow]) -> str:
               "attn cosine", "attn rel L2"]
     return markdown_table(header, [[
         row.backend + ("" if not row.exact else " (exact)"),
-        " ".join(f"{k}={v}" for k, v in row.options.items()) or "-", str(row.image_size), str(row.tokens),
+        " ".join([f"{k}={v}" for k, v in row.options.items()] + [f"max_error={row.max_error:g}"] * bool(row.max_error))
+        or "-", str(row.image_size), str(row.tokens),
         f"{row.attention_speedup:.2f}", f"{row.denoiser_speedup:.2f}", f"{row.psnr_db:.2f}", f"{row.ssim:.4f}",
         f"{row.attn_cosine:.4f}", f"{row.attn_rel_l2:.4f}"] for row in rows])
 

@@ -8,7 +8,8 @@ The image grid is cut into window x window blocks. A query of a block attends, i
 - the tokens outside the grid (text, reference images), as they are.
 Trained diffusion models attend sharply to their neighbourhood and broadly further away: the neighbourhood
 stays exact, the rest is summarised. Queries outside the grid attend to every key exactly (they are few).
-Cost per image query: (window + 2 halo)² + M_grid / downsample² + M_other keys.
+Cost per image query: (window + 2 halo)² + M_grid / downsample² + M_other keys. A single-frame grid that fits
+in one window is exact attention, and is computed as such.
 """
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ def window_attention(call: AttentionCall, layout: TokenLayout, window: int, down
     key_bias = key_padding_bias(call)
     bias = torch.zeros(1, m, device=q.device) if key_bias is None else key_bias
     bias_batch = bias.shape[0]
+    if layout.frames == 1 and window >= max(layout.height, layout.width):
+        # one block holds the whole grid: its neighbourhood is every key, i.e. exact attention
+        mask = None if key_bias is None else key_bias[:, None, None, :].to(work)
+        return sdpa_dense(q, k, v, mask, call.scale).to(call.q.dtype)
 
     # pooled keys of the whole grid, weighted by exp(key bias) as todo pools them
     shift = bias[:, grid].amax(dim=1, keepdim=True).nan_to_num(neginf=0.0)
