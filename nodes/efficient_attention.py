@@ -14,14 +14,15 @@ CATEGORY = "model_patches/attention"
 DESCRIPTION = (
     "Runs the model's attention through the Efficient Attention (PoP) backends. Exact: auto (the default: the "
     "image does not change), sdpa, masked (region masks without a full score matrix). Faster but approximate: "
-    "todo (keys and values pooled on the image grid: the closest to exact at high resolution), agent, linear. "
+    "window (exact in each token's neighbourhood, the rest pooled: the closest to exact for its speed at high "
+    "resolution), todo (keys and values pooled on the image grid), linear. "
     "The quality guard (max_error) keeps an approximation only on the layers where it stays close. Returns a "
     "patched copy; the input model is unchanged, so bypassing this node restores the original attention.")
 # Words people type into the node search for this node. ComfyUI versions with search aliases (V1 SEARCH_ALIASES,
 # V3 io.Schema(search_aliases=...)) match them; older ones search the name and display name only.
 SEARCH_ALIASES = ["attention", "efficient", "efficient attention", "sdpa", "linear attention", "masked attention",
                   "mask", "region mask", "speed", "speed up", "fast", "faster", "flash", "todo", "token downsampling",
-                  "agent attention"]
+                  "window attention", "local attention"]
 BACKEND_CHOICES = usable_backends()  # what this machine can run; a saved workflow's other choice is refused, with why
 
 # (name, kind, options, tooltip) in the order the node shows them: the backend and its own options, where it
@@ -54,7 +55,7 @@ INPUTS = [
      "Which attention calls to patch. UNets (SD1.x, SDXL), Wan, LTXV, Cosmos: self-attention = image to image, "
      "cross-attention = image to text. Joint-attention DiTs (Flux, SD3, HunyuanVideo, Qwen-Image) make one "
      "self-attention call over text and image tokens together: self-attention and both patch it, cross-attention "
-     "patches nothing there. todo and agent serve self-attention only; other calls run exact."),
+     "patches nothing there. window and todo serve self-attention over image tokens only; other calls run exact."),
     ("min_tokens", "INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64},
      "Use the chosen backend only in calls with at least this many query tokens; smaller calls run exact (auto). "
      "E.g. 4096 applies it only to the highest-resolution SD1.5 layers at 512px."),
