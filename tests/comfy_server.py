@@ -15,8 +15,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Optional
+from typing import Iterator, Optional
 
+import pytest
 import torch
 
 import comfy_env
@@ -178,3 +179,16 @@ class ComfyServer:
         (saved,) = entry["outputs"][node]["latents"]
         path = os.path.join(self.base_dir, "output", saved["subfolder"], saved["filename"])
         return safetensors.torch.load_file(path)["latent_tensor"]
+
+
+def serve_tiny_sd15(tmp_path_factory, test_name: str) -> Iterator[ComfyServer]:
+    """For a module fixture: today's ComfyUI serving tiny SD1.5 weights, stopped afterwards; skips (with the
+    reason) where ComfyUI has no attention override."""
+    comfy_env.load_comfy()
+    if not comfy_env.is_todays_comfyui():
+        pytest.skip(f"the {test_name} runs today's ComfyUI: set COMFYUI_PATH to a current ComfyUI checkout")
+    base = tmp_path_factory.mktemp("comfyui")
+    write_tiny_sd15(str(base / "models"))
+    running = ComfyServer(str(base)).start()
+    yield running
+    running.stop()

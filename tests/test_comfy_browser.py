@@ -25,8 +25,7 @@ import urllib.parse
 
 import pytest
 
-import comfy_env
-from comfy_server import PACK_FOLDER, ComfyServer, txt2latent_workflow, write_tiny_sd15
+from comfy_server import PACK_FOLDER, serve_tiny_sd15, txt2latent_workflow
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -56,14 +55,7 @@ def server(tmp_path_factory):
     missing = missing_browser_parts()
     if missing:
         pytest.skip("the browser test needs " + ", ".join(missing))
-    comfy_env.load_comfy()
-    if not comfy_env.is_todays_comfyui():
-        pytest.skip("the browser test runs today's ComfyUI: set COMFYUI_PATH to a current ComfyUI checkout")
-    base = tmp_path_factory.mktemp("comfyui")
-    write_tiny_sd15(str(base / "models"))
-    running = ComfyServer(str(base)).start()
-    yield running
-    running.stop()
+    yield from serve_tiny_sd15(tmp_path_factory, "browser test")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy_env
-from comfy_server import ComfyServer, txt2latent_workflow, write_tiny_sd15
+from comfy_server import serve_tiny_sd15, txt2latent_workflow
 
 NODE = dict(backend="sdpa", downsample=2, window=16, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
             start_percent=0.0, end_percent=1.0, mask_mode="isolate regions", heads=0, layernorm=False)
@@ -18,14 +17,7 @@ NODE = dict(backend="sdpa", downsample=2, window=16, max_error=0.0, strength=1.0
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    comfy_env.load_comfy()
-    if not comfy_env.is_todays_comfyui():
-        pytest.skip("the server test runs today's ComfyUI: set COMFYUI_PATH to a current ComfyUI checkout")
-    base = tmp_path_factory.mktemp("comfyui")
-    write_tiny_sd15(str(base / "models"))
-    running = ComfyServer(str(base)).start()
-    yield running
-    running.stop()
+    yield from serve_tiny_sd15(tmp_path_factory, "server test")
 
 
 def test_node_is_listed_with_its_inputs_and_tooltips(server):
