@@ -108,3 +108,15 @@ def test_a_broken_approximation_falls_outside_its_band(monkeypatch, broken):
     rows, _ = quality.run(load_proxy_model(), [32], quality.QUICK, backends=["todo"], progress=None)
     rows = quality.rows_as_json(rows)
     assert rows and all(band_violations(row) for row in rows)
+
+
+def test_guarded_rows_with_a_tight_bound_reproduce_the_exact_images():
+    """--max-error: every approximate option set also runs under the node's quality guard; with a bound no layer
+    meets, every layer runs exact, so the images are the exact ones."""
+    rows, _ = quality.run(load_proxy_model(), [32], quality.QUICK, backends=["todo"], max_errors=[1e-9],
+                          progress=None)
+    guarded = [row for row in rows if row.max_error]
+    assert len(guarded) == len(rows) - len(guarded) == len(BACKENDS["todo"].benchmark_options)
+    for row in guarded:
+        assert row.max_error == 1e-9 and row.psnr_db >= 60 and row.attn_cosine > 0.99999, row
+    assert all(row.psnr_db < 40 for row in rows if not row.max_error)
