@@ -109,12 +109,28 @@ def test_window_matches_its_reference(layout, window, downsample, masked, seed):
     assert_close(out, reference, torch.float32, "window")
 
 
+@pytest.mark.parametrize("layout, window, downsample", [
+    (TokenLayout(2, 16, 16, before=3, after=2), 8, 2),   # windows tile the grid: written in place, no padding
+    (TokenLayout(1, 32, 16), 8, 4),                      # several blocks per row and column, one frame
+    (TokenLayout(1, 20, 36, before=4), 16, 4),           # edge blocks padded
+])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])
+def test_window_on_many_blocks_matches_its_reference(monkeypatch, layout, window, downsample, chunk_bytes):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(window_backend, "CHUNK_BYTES", chunk_bytes)  # one block per SDPA call
+    q, k, v = split_inputs(layout, seed=3)
+    mask, key_bias = padding_mask(layout, 2, torch.Generator().manual_seed(3))
+    out = run("window", q, k, v, mask, layout=layout, window=window, downsample=downsample)
+    reference = naive_window_attention(q, k, v, layout, window, downsample, halo_for(window, downsample), key_bias)
+    assert_close(out, reference, torch.float32, "window")
+
+
 def test_window_in_chunks_of_blocks(monkeypatch):
     """Many blocks, a few per SDPA call: the same result as all blocks in one call."""
     layout = TokenLayout(2, 24, 20, before=3)
     q, k, v = split_inputs(layout)
     whole = run("window", q, k, v, layout=layout, window=8, downsample=2)
-    monkeypatch.setattr(window_backend, "CHUNK_KEY_BYTES", 1)
+    monkeypatch.setattr(window_backend, "CHUNK_BYTES", 1)
     torch.testing.assert_close(run("window", q, k, v, layout=layout, window=8, downsample=2), whole)
 
 

@@ -26,8 +26,9 @@ from .todo import grid_backend_limits, key_padding_bias, pool_grid
 
 WINDOW_SIZES = (8, 16, 32)
 DOWNSAMPLE_FACTORS = (2, 4)
-# Blocks per SDPA call: their keys (the shared pooled and text keys are repeated for every block) stay below this.
-CHUNK_KEY_BYTES = 64 << 20
+# Block rows per SDPA call: the chunk's keys (the shared pooled and text keys are repeated for every block) and its
+# score-sized buffers stay near this.
+CHUNK_BYTES = 64 << 20
 
 
 def halo_for(window: int, downsample: int) -> int:
@@ -36,27 +37,24 @@ def halo_for(window: int, downsample: int) -> int:
     return downsample * math.ceil(window / 4 / downsample)
 
 
-def _blocks(t: torch.Tensor, layout: TokenLayout, window: int, halo: int = 0) -> torch.Tensor:
-    """Grid tokens (B, H, F*h*w, D) -> each block with ``halo`` tokens around it, (B, F*bh*bw, H, (window+2 halo)², D);
-    cells outside the grid are zeros."""
-    batch, heads, _, dim = t.shape
+def _padded_grid(t: torch.Tensor, layout: TokenLayout, window: int, halo: int) -> torch.Tensor:
+    """Grid tokens (B, H, F*h*w, D) -> (B, H, F, halo + bh*window + halo, same for the width, D), zeros outside."""
     blocks_h, blocks_w = math.ceil(layout.height / window), math.ceil(layout.width / window)
-    grid = t.reshape(batch, heads, layout.frames, layout.height, layout.width, dim)
-    grid = F.pad(grid, (0, 0, halo, blocks_w * window - layout.width + halo, halo,
-                        blocks_h * window - layout.height + halo))
+    grid = t.reshape(t.shape[0], t.shape[1], layout.frames, layout.height, layout.width, t.shape[-1])
+    padding = (0, 0, halo, blocks_w * window - layout.width + halo, halo, blocks_h * window - layout.height + halo)
+    return F.pad(grid, padding) if any(padding) else grid
+
+
+def _chunk_blocks(padded: torch.Tensor, frame: int, rows: slice, columns: slice, window: int, halo: int
+                  ) -> torch.Tensor:
+    """The blocks of block rows ``rows`` and block columns ``columns`` of one frame, each with ``halo`` tokens
+    around it: (B, rows*columns, H, (window + 2 halo)², D), copied from the padded grid (B, H, F, Hp, Wp, D)."""
     side = window + 2 * halo
-    grid = grid.unfold(3, side, window).unfold(4, side, window)  # (B, H, F, bh, bw, D, side, side)
-    return grid.permute(0, 2, 3, 4, 1, 6, 7, 5).reshape(batch, -1, heads, side * side, dim)
-
-
-def _unblock(blocks: torch.Tensor, layout: TokenLayout, window: int) -> torch.Tensor:
-    """(B, F*bh*bw, H, window², D) -> the grid's tokens (B, H, F*h*w, D), padding dropped."""
-    batch, _, heads, _, dim = blocks.shape
-    blocks_h, blocks_w = math.ceil(layout.height / window), math.ceil(layout.width / window)
-    grid = blocks.view(batch, layout.frames, blocks_h, blocks_w, heads, window, window, dim)
-    grid = grid.permute(0, 4, 1, 2, 5, 3, 6, 7).reshape(batch, heads, layout.frames, blocks_h * window,
-                                                       blocks_w * window, dim)
-    return grid[:, :, :, :layout.height, :layout.width].reshape(batch, heads, layout.image_tokens, dim)
+    region = padded[:, :, frame, rows.start * window:rows.stop * window + 2 * halo,
+                    columns.start * window:columns.stop * window + 2 * halo]
+    blocks = region.unfold(2, side, window).unfold(3, side, window)  # (B, H, rows, columns, D, side, side)
+    batch, heads, _, _, dim = blocks.shape[:5]
+    return blocks.permute(0, 2, 3, 1, 5, 6, 4).reshape(batch, -1, heads, side * side, dim)
 
 
 def window_attention(call: AttentionCall, layout: TokenLayout, window: int, downsample: int) -> torch.Tensor:
@@ -97,41 +95,63 @@ def window_attention(call: AttentionCall, layout: TokenLayout, window: int, down
     frames = torch.eye(layout.frames, dtype=torch.bool, device=q.device)
     neighbourhood = (frames[:, None, None, :, None, None] & rows[None, :, None, None, :, None]
                      & columns[None, None, :, None, None, :])  # (F, bh, bw, F, ph, pw)
-    blocks = layout.frames * blocks_h * blocks_w
-    neighbourhood = neighbourhood.reshape(blocks, -1)  # (blocks, P)
+    neighbourhood = neighbourhood.reshape(layout.frames * blocks_h * blocks_w, -1)  # (blocks, P)
 
     others = torch.cat([torch.arange(layout.before, device=q.device), torch.arange(grid.stop, m, device=q.device)])
     shared_k = torch.cat([k[:, :, others], pooled_k.expand(batch, -1, -1, -1)], dim=2)  # (B, H, S, D)
     shared_v = torch.cat([v[:, :, others], pooled_v.expand(batch, -1, -1, -1)], dim=2)
     shared_bias = torch.cat([bias[:, others], pooled_bias.expand(bias_batch, -1)], dim=1)  # (B|1, S)
 
-    local_q = _blocks(q[:, :, grid], layout, window)
-    local_k, local_v = (_blocks(t[:, :, grid], layout, window, halo) for t in (k, v))
-    local_bias = _blocks(bias[:, None, grid, None], layout, window, halo)[..., 0]  # (B|1, blocks, 1, side²)
-    padded = _blocks(torch.ones(1, 1, layout.image_tokens, 1, device=q.device), layout, window, halo)[..., 0] == 0
-    local_bias = local_bias.masked_fill(padded, float("-inf"))  # neighbourhood cells outside the grid
-
-    out_blocks = torch.empty(batch, blocks, heads, window * window, v.shape[-1], dtype=work, device=q.device)
-    keys_per_block = shared_k.shape[2] + local_k.shape[3]
-    chunk = max(1, CHUNK_KEY_BYTES // max(1, batch * heads * keys_per_block * k.shape[-1] * 4))
-    for start in range(0, blocks, chunk):
-        stop = min(blocks, start + chunk)
-        count = stop - start
-        keys = torch.cat([shared_k[:, None].expand(-1, count, -1, -1, -1), local_k[:, start:stop]], dim=3)
-        values = torch.cat([shared_v[:, None].expand(-1, count, -1, -1, -1), local_v[:, start:stop]], dim=3)
-        mask = torch.cat([shared_bias[:, None, None, :].expand(-1, count, 1, -1).clone(),
-                          local_bias[:, start:stop].expand(bias_batch, -1, -1, -1)], dim=3)
-        pooled_part = mask[..., others.numel():others.numel() + neighbourhood.shape[1]]
-        pooled_part.masked_fill_(neighbourhood[start:stop, None, :], float("-inf"))
-        mask = mask.expand(batch, -1, -1, -1)
-        flat = batch * count
-        out_blocks[:, start:stop] = sdpa_dense(
-            local_q[:, start:stop].reshape(flat, heads, window * window, -1), keys.reshape(flat, heads, keys_per_block, -1),
-            values.reshape(flat, heads, keys_per_block, -1), mask.reshape(flat, 1, 1, keys_per_block), call.scale
-        ).view(batch, count, heads, window * window, -1)
-
+    # the grid padded once (not at all where the windows tile it); each chunk of blocks copies out its own blocks
+    padded_q = _padded_grid(q[:, :, grid], layout, window, 0)
+    padded_k, padded_v = (_padded_grid(t[:, :, grid], layout, window, halo) for t in (k, v))
+    padded_bias = _padded_grid(bias[:, None, grid, None], layout, window, halo)  # (B|1, 1, F, Hp, Wp, 1)
+    inside_grid = _padded_grid(torch.ones(1, 1, layout.image_tokens, 1, device=q.device), layout, window, halo) > 0
     out = torch.empty(batch, heads, q.shape[2], v.shape[-1], dtype=work, device=q.device)
-    out[:, :, grid] = _unblock(out_blocks, layout, window)
+    tiled = blocks_h * window == layout.height and blocks_w * window == layout.width
+    out_grid = (out[:, :, grid] if tiled else torch.empty(batch, heads, layout.image_tokens, v.shape[-1], dtype=work,
+                                                          device=q.device))
+    out_grid = _padded_grid(out_grid, layout, window, 0)  # (B, H, F, bh*window, bw*window, Dv); a view of out if tiled
+    keys_per_block = shared_k.shape[2] + (window + 2 * halo) ** 2
+    block_bytes = 2 * batch * heads * keys_per_block * k.shape[-1] * torch.finfo(work).bits // 8  # its keys and values
+    blocks_per_chunk = max(1, CHUNK_BYTES // block_bytes)
+    rows_per_chunk = max(1, blocks_per_chunk // blocks_w)
+    columns_per_chunk = min(blocks_w, blocks_per_chunk)
+    for frame in range(layout.frames):
+        for row_start in range(0, blocks_h, rows_per_chunk):
+            for column_start in range(0, blocks_w, columns_per_chunk):
+                chunk_rows = slice(row_start, min(blocks_h, row_start + rows_per_chunk))
+                chunk_columns = slice(column_start, min(blocks_w, column_start + columns_per_chunk))
+                row_count, column_count = chunk_rows.stop - chunk_rows.start, chunk_columns.stop - chunk_columns.start
+                count = row_count * column_count
+                block_index = ((frame * blocks_h + torch.arange(chunk_rows.start, chunk_rows.stop))[:, None] * blocks_w
+                               + torch.arange(chunk_columns.start, chunk_columns.stop)).flatten()
+
+                def blocks_of(padded, margin):
+                    return _chunk_blocks(padded, frame, chunk_rows, chunk_columns, window, margin)
+
+                local_q, local_k, local_v = blocks_of(padded_q, 0), blocks_of(padded_k, halo), blocks_of(padded_v, halo)
+                local_bias = blocks_of(padded_bias, halo)[..., 0]  # (B|1, count, 1, side²)
+                local_bias = local_bias.masked_fill(~blocks_of(inside_grid, halo)[..., 0], float("-inf"))
+                keys = torch.cat([shared_k[:, None].expand(-1, count, -1, -1, -1), local_k], dim=3)
+                values = torch.cat([shared_v[:, None].expand(-1, count, -1, -1, -1), local_v], dim=3)
+                mask = torch.cat([shared_bias[:, None, None, :].expand(-1, count, 1, -1).clone(),
+                                  local_bias.expand(bias_batch, -1, -1, -1)], dim=3)
+                pooled_part = mask[..., others.numel():others.numel() + neighbourhood.shape[1]]
+                pooled_part.masked_fill_(neighbourhood[block_index.to(q.device), None, :], float("-inf"))
+                flat = batch * count
+                chunk_out = sdpa_dense(local_q.reshape(flat, heads, window * window, -1),
+                                       keys.reshape(flat, heads, keys_per_block, -1),
+                                       values.reshape(flat, heads, keys_per_block, -1),
+                                       mask.expand(batch, -1, -1, -1).reshape(flat, 1, 1, keys_per_block), call.scale)
+                chunk_out = chunk_out.view(batch, row_count, column_count, heads, window, window, -1)
+                chunk_out = chunk_out.permute(0, 3, 1, 4, 2, 5, 6).reshape(batch, heads, row_count * window,
+                                                                           column_count * window, -1)
+                out_grid[:, :, frame, chunk_rows.start * window:chunk_rows.stop * window,
+                         chunk_columns.start * window:chunk_columns.stop * window] = chunk_out
+
+    if not tiled:
+        out[:, :, grid] = out_grid[:, :, :, :layout.height, :layout.width].reshape(batch, heads, layout.image_tokens, -1)
     if others.numel():  # queries outside the grid: exact over every key
         mask = None if key_bias is None else key_bias[:, None, None, :].to(work)
         out[:, :, others] = sdpa_dense(q[:, :, others], k, v, mask, call.scale)
