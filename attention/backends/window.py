@@ -26,8 +26,8 @@ from .todo import grid_backend_limits, key_padding_bias, pool_grid
 
 WINDOW_SIZES = (8, 16, 32)
 DOWNSAMPLE_FACTORS = (2, 4)
-# Block rows per SDPA call: the chunk's keys (the shared pooled and text keys are repeated for every block) and its
-# score-sized buffers stay near this.
+# Blocks per SDPA call (whole block rows where they fit): their keys and values, the shared pooled and text keys
+# repeated for every block, stay below this.
 CHUNK_BYTES = 64 << 20
 
 
