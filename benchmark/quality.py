@@ -57,21 +57,16 @@ class Variant:
 
         if not self.max_error:
             return run
-        from ..nodes.guard import QualityGuard, compare
+        from ..nodes.guard import QualityGuard
 
         guard = QualityGuard(self.max_error)
 
         def guarded(q, k, v, layout, layer_index):
             if layer_index == 0 and guard.layers:
                 guard.end_model_call()  # the model starts its next call
-            key = (layer_index, q.shape[2], k.shape[2])
-            if guard.should_measure(key):
-                exact = F.scaled_dot_product_attention(q, k, v)
-                guard.record(key, q.shape[2], *compare(run(q, k, v, layout, layer_index), exact))
-                return exact
-            if guard.uses_approximation(key):
-                return run(q, k, v, layout, layer_index)
-            return F.scaled_dot_product_attention(q, k, v)
+            return guard.attend((layer_index, q.shape[2], k.shape[2]), q.shape[2],
+                                lambda: F.scaled_dot_product_attention(q, k, v),
+                                lambda exact_out: run(q, k, v, layout, layer_index))
 
         return guarded
 

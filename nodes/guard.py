@@ -10,7 +10,7 @@ measured again and goes back to exact for the rest of the run if it drifted past
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -73,6 +73,17 @@ class QualityGuard:
     def uses_approximation(self, key: LayerKey) -> bool:
         record = self.layers.get(key)
         return record is not None and record.approximate and not self.measure_only
+
+    def attend(self, key: LayerKey, query_tokens: int, exact: Callable[[], torch.Tensor],
+               approximate: Callable[[Optional[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """One served call of layer ``key``: measured (both computed, the exact output returned), else the
+        approximation where the layer keeps it, else exact. ``approximate`` may reuse the exact output it is
+        given (None when there is none)."""
+        if self.should_measure(key):
+            exact_out = exact()
+            self.record(key, query_tokens, *compare(approximate(exact_out), exact_out))
+            return exact_out
+        return approximate(None) if self.uses_approximation(key) else exact()
 
     def record(self, key: LayerKey, query_tokens: int, error: float, cosine: float) -> None:
         record = self.layers.get(key)

@@ -28,7 +28,7 @@ from ..attention.layout import TokenLayout
 from ..attention.regions import MASK_MODES, QUERY_PLACES_NEEDED, region_mask_for_layout
 from .comfy_call import ComfyAttentionCall, read_call
 from .families import ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family
-from .guard import QualityGuard, compare
+from .guard import QualityGuard
 
 logger = logging.getLogger("efficient_attention_pop")
 
@@ -302,11 +302,7 @@ class AttentionPatch:
         if not guard.active or model_call is None:
             return approximate()
         key = (model_call.next_served_call(), call.query_tokens, call.key_tokens)
-        if guard.should_measure(key):
-            exact_out = exact()
-            guard.record(key, call.query_tokens, *compare(approximate(exact_out), exact_out))
-            return exact_out
-        return approximate() if guard.uses_approximation(key) else exact()
+        return guard.attend(key, call.query_tokens, exact, approximate)
 
     def _backend_for(self, call: ComfyAttentionCall, prepared) -> str:
         """The chosen backend where it may and can serve the call; else the fastest exact one (auto)."""

@@ -70,10 +70,8 @@ class AgentBackend(Backend):
     benchmark_options = ({"agents": 64}, {"agents": 256}, {"agents": 1024})
 
     def not_supported_reasons(self, call: AttentionCall):
-        reasons = super().not_supported_reasons(call) + grid_backend_limits(call, "pooling queries into agents")
-        if call.q.shape[2] != call.k.shape[2]:
-            reasons.append(f"needs self-attention with the queries on the keys' layout; got {call.q.shape[2]} queries "
-                           f"and {call.k.shape[2]} keys")
+        reasons = super().not_supported_reasons(call) + grid_backend_limits(call, "pooling queries into agents",
+                                                                            self_attention=True)
         agents = self.option(call, "agents")
         if not isinstance(agents, int) or isinstance(agents, bool) or agents < 1:
             reasons.append(f"agents={agents!r}; expected a positive integer")

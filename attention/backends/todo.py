@@ -52,19 +52,17 @@ def key_padding_bias(call: AttentionCall) -> Optional[torch.Tensor]:
         dense.dtype == torch.bool) else dense.float()
 
 
-def todo_attention(call: AttentionCall, layout: TokenLayout, downsample: int) -> torch.Tensor:
-    """(B, H, N, Dv) in q's dtype: q attends to [before tokens, pooled grid, after tokens] with pooling biases.
+def pool_keys(k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Tensor], layout: TokenLayout,
+              downsample: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grid's keys and values averaged per window with weights exp(key bias) (1 without a mask), and each
+    pooled key's bias log(sum of its weights): log(count) without a mask, -inf for a window of masked keys.
 
-    Each window's keys and values are averaged with weights exp(key bias) (1 without a mask); the pooled key
-    gets the bias log(sum of its weights): log(count) without a mask, -inf for a window of masked keys.
+    k (B, H, M, D), v (B, H, M, Dv), key_bias (B|1, M) or None -> (B, H, P, D), (B, H, P, Dv) fp32, (B|1, P).
     """
-    q, k, v = call.q, call.k, call.v
-    work = compute_dtype(q)
     grid = slice(layout.before, layout.before + layout.image_tokens)
-    key_bias = key_padding_bias(call)
     if key_bias is None:
-        shift = torch.zeros(1, 1, device=q.device)
-        weights = torch.ones(1, 1, layout.image_tokens, 1, device=q.device)
+        shift = torch.zeros(1, 1, device=k.device)
+        weights = torch.ones(1, 1, layout.image_tokens, 1, device=k.device)
     else:  # exp(bias - shift) stays finite for large biases; the shift comes back in the pooled keys' bias
         shift = key_bias[:, grid].amax(dim=1, keepdim=True).nan_to_num(neginf=0.0)
         weights = torch.exp(key_bias[:, grid] - shift)[:, None, :, None]
@@ -74,15 +72,25 @@ def todo_attention(call: AttentionCall, layout: TokenLayout, downsample: int) ->
     def pooled_mean(t):
         return pool_grid(t[:, :, grid] if key_bias is None else t[:, :, grid] * weights, layout, downsample) / normaliser
 
-    pooled_k, pooled_v = pooled_mean(k), pooled_mean(v)
+    return pooled_mean(k), pooled_mean(v), torch.log(window_weight[:, 0, :, 0]) + shift
+
+
+def todo_attention(call: AttentionCall, layout: TokenLayout, downsample: int) -> torch.Tensor:
+    """(B, H, N, Dv) in q's dtype: q attends to [before tokens, pooled grid, after tokens] with pooling biases
+    (pool_keys)."""
+    q, k, v = call.q, call.k, call.v
+    work = compute_dtype(q)
+    grid = slice(layout.before, layout.before + layout.image_tokens)
+    key_bias = key_padding_bias(call)
+    pooled_k, pooled_v, pooled_bias = pool_keys(k, v, key_bias, layout, downsample)
     pooled = pooled_k.shape[2]
     keys = torch.cat([k[:, :, :layout.before].to(work), pooled_k.to(work), k[:, :, grid.stop:].to(work)], dim=2)
     values = torch.cat([v[:, :, :layout.before].to(work), pooled_v.to(work), v[:, :, grid.stop:].to(work)], dim=2)
-    bias = torch.zeros(shift.shape[0], keys.shape[2], device=q.device)
+    bias = torch.zeros(pooled_bias.shape[0], keys.shape[2], device=q.device)
     if key_bias is not None:
         bias[:, :layout.before] = key_bias[:, :layout.before]
         bias[:, layout.before + pooled:] = key_bias[:, grid.stop:]
-    bias[:, layout.before:layout.before + pooled] = torch.log(window_weight[:, 0, :, 0]) + shift
+    bias[:, layout.before:layout.before + pooled] = pooled_bias
     bias = bias[:, None, None, :].to(work)
     if key_bias is None:  # every key finite: no row can be empty, so no scan for one
         return F.scaled_dot_product_attention(q.to(work), keys, values, attn_mask=bias, scale=call.scale).to(q.dtype)
@@ -101,9 +109,13 @@ def layout_reasons(call: AttentionCall) -> List[str]:
     return []
 
 
-def grid_backend_limits(call: AttentionCall, what: str) -> List[str]:
-    """What a grid-based approximation (todo, agent) refuses, with the reasons."""
+def grid_backend_limits(call: AttentionCall, what: str, self_attention: bool = False) -> List[str]:
+    """What a grid-based approximation (todo, agent, window) refuses, with the reasons; ``self_attention``: it
+    also needs the queries on the keys' layout."""
     reasons = layout_reasons(call)
+    if self_attention and call.q.shape[2] != call.k.shape[2]:
+        reasons.append(f"needs self-attention with the queries on the keys' layout; got {call.q.shape[2]} queries "
+                       f"and {call.k.shape[2]} keys")
     if call.is_causal:
         reasons.append("is_causal is not supported")
     if call.k.shape[1] != call.q.shape[1]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..layout import TokenLayout
 from .base import AttentionCall, Backend, compute_dtype
 from .sdpa import sdpa_dense
-from .todo import grid_backend_limits, key_padding_bias, pool_grid
+from .todo import grid_backend_limits, key_padding_bias, pool_keys
 
 WINDOW_SIZES = (8, 16, 32)
 DOWNSAMPLE_FACTORS = (2, 4)
@@ -64,21 +64,15 @@ def window_attention(call: AttentionCall, layout: TokenLayout, window: int, down
     batch, heads, m, _ = k.shape
     grid = slice(layout.before, layout.before + layout.image_tokens)
     key_bias = key_padding_bias(call)
-    bias = torch.zeros(1, m, device=q.device) if key_bias is None else key_bias
-    bias_batch = bias.shape[0]
+    key_mask = None if key_bias is None else key_bias[:, None, None, :].to(work)  # for exact attention over all keys
     if layout.frames == 1 and window >= max(layout.height, layout.width):
         # one block holds the whole grid: its neighbourhood is every key, i.e. exact attention
-        mask = None if key_bias is None else key_bias[:, None, None, :].to(work)
-        return sdpa_dense(q, k, v, mask, call.scale).to(call.q.dtype)
+        return sdpa_dense(q, k, v, key_mask, call.scale).to(call.q.dtype)
+    bias = torch.zeros(1, m, device=q.device) if key_bias is None else key_bias
+    bias_batch = bias.shape[0]
 
-    # pooled keys of the whole grid, weighted by exp(key bias) as todo pools them
-    shift = bias[:, grid].amax(dim=1, keepdim=True).nan_to_num(neginf=0.0)
-    weights = torch.exp(bias[:, grid] - shift)[:, None, :, None]  # (B|1, 1, G, 1)
-    window_weight = pool_grid(weights, layout, downsample)  # (B|1, 1, P, 1)
-    normaliser = window_weight.clamp_min(torch.finfo(torch.float32).tiny)
-    pooled_k = (pool_grid(k[:, :, grid] * weights, layout, downsample) / normaliser).to(work)
-    pooled_v = (pool_grid(v[:, :, grid] * weights, layout, downsample) / normaliser).to(work)
-    pooled_bias = torch.log(window_weight[:, 0, :, 0]) + shift  # (B|1, P)
+    pooled_k, pooled_v, pooled_bias = pool_keys(k, v, key_bias, layout, downsample)  # the whole grid, as todo
+    pooled_k, pooled_v = pooled_k.to(work), pooled_v.to(work)
 
     # which pooled keys lie in each block's neighbourhood (halo and window are whole pooling windows)
     halo = halo_for(window, downsample)
@@ -153,8 +147,7 @@ def window_attention(call: AttentionCall, layout: TokenLayout, window: int, down
     if not tiled:
         out[:, :, grid] = out_grid[:, :, :, :layout.height, :layout.width].reshape(batch, heads, layout.image_tokens, -1)
     if others.numel():  # queries outside the grid: exact over every key
-        mask = None if key_bias is None else key_bias[:, None, None, :].to(work)
-        out[:, :, others] = sdpa_dense(q[:, :, others], k, v, mask, call.scale)
+        out[:, :, others] = sdpa_dense(q[:, :, others], k, v, key_mask, call.scale)
     return out.to(call.q.dtype)
 
 
@@ -170,10 +163,7 @@ class WindowBackend(Backend):
                          {"window": 32, "downsample": 4})
 
     def not_supported_reasons(self, call: AttentionCall) -> List[str]:
-        reasons = super().not_supported_reasons(call) + grid_backend_limits(call, "pooling keys")
-        if call.q.shape[2] != call.k.shape[2]:
-            reasons.append(f"needs self-attention with the queries on the keys' layout; got {call.q.shape[2]} queries "
-                           f"and {call.k.shape[2]} keys")
+        reasons = super().not_supported_reasons(call) + grid_backend_limits(call, "pooling keys", self_attention=True)
         window, downsample = self.option(call, "window"), self.option(call, "downsample")
         if window not in WINDOW_SIZES:
             reasons.append(f"window={window!r}; expected one of {WINDOW_SIZES}")
