@@ -42,6 +42,20 @@ def test_loads_under_a_dashed_folder_name():
     assert node.CATEGORY == "model_patches/attention" and "input model is unchanged" in node.DESCRIPTION
 
 
+@pytest.mark.parametrize("folder", ["ComfyUI-EfficientAttention-PoP", "main"])
+def test_pytest_runs_in_a_checkout_under_any_folder_name(tmp_path, folder):
+    """A clone under the README's folder name (not a Python identifier) runs its tests: pytest must not import
+    the root ``__init__.py`` (tests/conftest.py collects the root as a plain directory). Without that, this
+    test module errors there with "attempted relative import with no known parent package"."""
+    link = tmp_path / folder
+    os.symlink(ROOT, link)
+    test = os.path.join(str(link), "tests", "test_pack_loading.py") + "::test_loads_under_a_dashed_folder_name"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                            cwd=str(link), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "relative import" not in result.stdout
+
+
 def test_input_types_have_every_option_with_a_tooltip():
     node = classic_node("pack-inputs")
     types = node.INPUT_TYPES()
