@@ -135,10 +135,75 @@ def test_registry_metadata_and_literal_node_ids():
     comfy = project["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] == "Efficient Attention (PoP)" and comfy["Icon"]
     assert re.fullmatch(r">=\d+\.\d+\.\d+", comfy["requires-comfyui"])
-    assert project["project"]["classifiers"] and project["project"]["license"] and project["project"]["urls"]
+    assert project["project"]["classifiers"] and project["project"]["urls"]
+    # PEP 639, as current setuptools wants it (a license table or a license classifier is deprecated there)
+    assert project["project"]["license"] == "MIT" and project["project"]["license-files"] == ["LICENSE"]
+    assert not [c for c in project["project"]["classifiers"] if c.startswith("License ::")]
+    assert project["build-system"]["requires"] == ["setuptools>=77"]
     assert not [d for d in project["project"]["dependencies"] if d.split("=")[0].split(">")[0].strip() == "torch"]
     for path in ("nodes/__init__.py", "nodes/efficient_attention.py"):
         with open(os.path.join(ROOT, path)) as f:
             assert '"EfficientAttentionPoP"' in f.read(), path
     with open(os.path.join(ROOT, "nodes/__init__.py")) as f:
         assert re.search(r'NODE_CLASS_MAPPINGS = \{"EfficientAttentionPoP":', f.read())
+
+
+def registry_package(root=ROOT):
+    """The files `comfy node pack` puts in the Comfy Registry package: git-tracked files minus .comfyignore.
+    comfy-cli reads .comfyignore with gitignore rules; this reads the subset the file uses (anchored paths,
+    folders with a trailing slash), and fails on any other pattern rather than guessing its meaning."""
+    import re
+
+    try:
+        tracked = subprocess.run(["git", "-C", root, "ls-files"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"not a git checkout, so no registry package to check: {error}")
+    with open(os.path.join(root, ".comfyignore")) as f:
+        patterns = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    assert patterns and all(re.fullmatch(r"/[\w.-]+/?", p) for p in patterns), patterns
+    ignored = [(p.strip("/"), p.endswith("/")) for p in patterns]
+
+    def is_ignored(path):
+        return any(path.startswith(name + "/") if folder else path == name for name, folder in ignored)
+
+    return sorted(path for path in tracked.stdout.splitlines() if not is_ignored(path))
+
+
+def test_registry_package_holds_what_comfyui_loads_and_nothing_else(tmp_path):
+    package = registry_package()
+    assert {"__init__.py", "requirements.txt", "pyproject.toml", "LICENSE", "README.md"} <= set(package)
+    examples = [p for p in package if p.startswith("example_workflows/")]
+    assert examples and len([p for p in examples if p.endswith(".json")]) == len([p for p in examples if p.endswith(".jpg")])
+    unwanted = [p for p in package if p.startswith(("tests/", ".ci/", "docs/", "benchmark/"))
+                or p.endswith((".safetensors", ".png"))]
+    assert not unwanted, unwanted
+    # Every file ComfyUI imports when it loads the pack and builds the node (kernels included, which the
+    # dispatcher loads by name) is in the package ...
+    code = ("import importlib.util, os, sys, json\n"
+            "root, name = sys.argv[1], 'ComfyUI-EfficientAttention-PoP'\n"
+            "spec = importlib.util.spec_from_file_location(name, os.path.join(root, '__init__.py'), "
+            "submodule_search_locations=[root])\n"
+            "pack = importlib.util.module_from_spec(spec); sys.modules[name] = pack; spec.loader.exec_module(pack)\n"
+            "sys.modules[name + '.nodes.efficient_attention'].EfficientAttentionPoP.INPUT_TYPES()\n"
+            "sys.modules[name + '.attention'].availability()\n"
+            "files = [os.path.relpath(m.__file__, root) for k, m in list(sys.modules.items())\n"
+            "         if (k == name or k.startswith(name + '.')) and getattr(m, '__file__', None)]\n"
+            "print(json.dumps({'files': sorted(files), 'nodes': sorted(pack.NODE_CLASS_MAPPINGS)}))\n")
+
+    def load(root):
+        result = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        import json
+
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    loaded = load(ROOT)
+    assert "kernels/__init__.py" in loaded["files"] and "nodes/patch.py" in loaded["files"]
+    assert set(loaded["files"]) <= set(package), sorted(set(loaded["files"]) - set(package))
+    # ... and the package alone, unpacked into custom_nodes/, loads and offers the node.
+    folder = tmp_path / "ComfyUI-EfficientAttention-PoP"
+    for path in package:
+        os.makedirs(folder / os.path.dirname(path), exist_ok=True)
+        with open(os.path.join(ROOT, path), "rb") as src, open(folder / path, "wb") as dst:
+            dst.write(src.read())
+    assert load(str(folder)) == loaded
