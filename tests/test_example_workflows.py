@@ -30,8 +30,46 @@ def our_widgets():
 
 def test_there_are_examples_for_images_and_video():
     names = [os.path.splitext(os.path.basename(path))[0] for path in EXAMPLES]
-    assert len(names) >= 3 and all(name.startswith("Efficient Attention - ") for name in names), names
+    assert len(names) >= 3 and all(name.endswith(" - Efficient Attention") for name in names), names
     assert any("video" in name for name in names) and any("Flux" in name for name in names)
+
+
+def test_titles_differ_where_the_template_browser_reads_first():
+    """The template browser titles a card with the file name and cuts a long one (ComfyUI 0.33
+    showed "Efficient Attention - Wan 2.1 text to…"): what tells the examples apart comes first, so the first 20
+    characters of the names already differ, and the model's name leads."""
+    names = [os.path.splitext(os.path.basename(path))[0] for path in EXAMPLES]
+    assert len({name[:20] for name in names}) == len(names), names
+    assert all(not name.startswith("Efficient Attention") for name in names), names
+
+
+# Where ComfyUI's loaders look for their files (folder_paths names), as ComfyUI's own templates give them.
+LOADER_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "UNETLoader": "diffusion_models",
+                  "CLIPLoader": "text_encoders", "DualCLIPLoader": "text_encoders", "VAELoader": "vae"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_loaders_carry_their_model_files_for_the_missing_models_dialog(path):
+    """Every loader's properties.models lists each file it selects with its download URL and folder, as ComfyUI's
+    templates do: the frontend offers the missing ones for download when an entry's name is one of the node's
+    widget values, its URL is on huggingface.co (or civitai.com) and its name ends in .safetensors or .sft."""
+    from urllib.parse import urlparse
+
+    workflow = load(path)
+    loaders = [node for node in workflow["nodes"] if node["type"] not in NOTE_TYPES
+               and any(str(v).endswith(".safetensors") for v in node.get("widgets_values") or [])]
+    assert loaders
+    for node in loaders:
+        selected = [v for v in node["widgets_values"] if str(v).endswith(".safetensors")]
+        models = node.get("properties", {}).get("models")
+        assert models, f"{node['type']} has no properties.models"
+        assert [m["name"] for m in models] == selected, (node["type"], models)
+        for model in models:
+            assert set(model) == {"name", "url", "directory"}, model
+            url = urlparse(model["url"])
+            assert url.scheme == "https" and url.netloc == "huggingface.co", model
+            assert "/resolve/" in url.path and url.path.endswith("/" + model["name"]), model
+            assert model["directory"] == LOADER_FOLDERS[node["type"]], (node["type"], model)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
