@@ -75,13 +75,14 @@ def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
         DOT_PRECISION=dot_precision(q.dtype, interpreted),
         BLOCK_TOKENS=launch.block_tokens, BLOCK_D=launch.block_d, BLOCK_DV=dim_v_pad,
         num_warps=launch.num_warps, num_stages=launch.num_stages)
-    kernels.linear_output_kernel[(ceil_div(n, launch.block_n), batch * heads)](
-        q, context, out,
-        heads, n, dim, dim_v, 1.0 if scale is None else float(scale),
-        *q.stride(), *context.stride(), *out.stride(),
-        DOT_PRECISION=dot_precision(torch.float32, interpreted),
-        BLOCK_N=launch.block_n, BLOCK_D=launch.block_d_chunk, BLOCK_DV=dim_v_pad,
-        num_warps=launch.num_warps, num_stages=1)
+    for part in triton_support.batch_parts(batch, heads):  # batch * heads is the grid's y axis
+        kernels.linear_output_kernel[(ceil_div(n, launch.block_n), (part.stop - part.start) * heads)](
+            q[part], context[part], out[part],
+            heads, n, dim, dim_v, 1.0 if scale is None else float(scale),
+            *q.stride(), *context.stride(), *out.stride(),
+            DOT_PRECISION=dot_precision(torch.float32, interpreted),
+            BLOCK_N=launch.block_n, BLOCK_D=launch.block_d_chunk, BLOCK_DV=dim_v_pad,
+            num_warps=launch.num_warps, num_stages=1)
     return out
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..attention.backends.base import AttentionCall, Backend
 from ..attention.masks import RegionMask
 from . import triton_support
-from .triton_support import ceil_div, dot_precision, padded_dim, runs_interpreted
+from .triton_support import batch_part, ceil_div, dot_precision, padded_dim, runs_interpreted
 
 LOG2_E = 1.4426950408889634
 # Labels are hashed into this many bins per block: a block pair shares a bin when it may share a label.
@@ -34,7 +34,7 @@ class FlashLaunch:
 
 
 # (queries, keys) per tile and pipeline stages, tried in order; the first that fits the budget is used.
-FLASH_TILES = ((128, 64, 3), (128, 64, 2), (64, 64, 2), (64, 32, 2), (64, 32, 1), (32, 32, 1))
+FLASH_TILES = ((128, 64, 3), (128, 64, 2), (64, 64, 2), (64, 32, 2), (64, 32, 1), (32, 32, 1), (16, 16, 1))
 # Share of the device's shared memory the tile estimate may use: Triton adds layout conversion
 # buffers (and 3xTF32 splits for fp32) on top of the q, k and v tiles.
 SHARED_MEMORY_SHARE = 0.6
@@ -44,14 +44,26 @@ SHARED_MEMORY_SHARE = 0.6
 INTERPRETER_LAUNCH = FlashLaunch(block_n=16, block_m=16, num_warps=1, num_stages=1)
 
 
-def flash_launch(dim_pad: int, dim_v_pad: int, element_size: int, shared_memory: int) -> FlashLaunch:
-    """The largest GPU tile whose q block plus k and v blocks per pipeline stage fit the shared-memory share."""
+def flash_launch(dim_pad: int, dim_v_pad: int, element_size: int, shared_memory: int) -> Optional[FlashLaunch]:
+    """The largest GPU tile whose q block plus k and v blocks per pipeline stage fit the shared-memory share,
+    or None when not even the smallest does (e.g. fp32 head dims above 128 on a GPU with 99 KB per program)."""
     for block_n, block_m, stages in FLASH_TILES:
         tile_bytes = (block_n * dim_pad + stages * block_m * (dim_pad + dim_v_pad)) * element_size
         if tile_bytes <= SHARED_MEMORY_SHARE * shared_memory:
             break
+    else:
+        return None
     return FlashLaunch(block_n=block_n, block_m=block_m, num_warps=8 if block_n * dim_pad >= 128 * 128 else 4,
                        num_stages=stages)
+
+
+def tile_reason(dim: int, dim_v: int, dtype: torch.dtype, shared_memory: int) -> Optional[str]:
+    """Why no tile of the kernel fits a GPU with ``shared_memory`` bytes per program for these head dims (None: one does)."""
+    element_size = torch.tensor([], dtype=dtype).element_size()
+    if flash_launch(padded_dim(dim), padded_dim(dim_v), element_size, shared_memory) is not None:
+        return None
+    return (f"head dims D={dim}, Dv={dim_v} in {str(dtype).replace('torch.', '')} need more shared memory than this "
+            f"GPU's {shared_memory // 1024} KB per program")
 
 
 def _block_summaries(labels: torch.Tensor, block: int):
@@ -115,6 +127,8 @@ def region_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
     dim_pad, dim_v_pad = padded_dim(dim), padded_dim(dim_v)
     launch = INTERPRETER_LAUNCH if interpreted else flash_launch(
         dim_pad, dim_v_pad, q.element_size(), triton_support.shared_memory_per_program(q.device))
+    if launch is None:
+        raise ValueError(tile_reason(dim, dim_v, q.dtype, triton_support.shared_memory_per_program(q.device)))
     scale = dim ** -0.5 if scale is None else float(scale)
     if region is None:
         query_labels = key_labels = key_blocks = counts = q  # unused: HAS_LABELS=False
@@ -127,14 +141,16 @@ def region_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r
         label_strides = (*_label_strides(query_labels), *_label_strides(key_labels),
                          key_blocks.stride(0) if table_batch else 0, key_blocks.stride(1),
                          counts.stride(0) if table_batch else 0)
-    kernel[(ceil_div(n, launch.block_n), batch * heads)](
-        q, k, v, out, query_labels, key_labels, key_blocks, counts,
-        heads, n, m, dim, dim_v, scale * LOG2_E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *label_strides,
-        HAS_LABELS=region is not None, UPCAST=interpreted or q.dtype == torch.float32,
-        DOT_PRECISION=dot_precision(q.dtype, interpreted),
-        BLOCK_N=launch.block_n, BLOCK_M=launch.block_m, BLOCK_D=dim_pad, BLOCK_DV=dim_v_pad,
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+    for part in triton_support.batch_parts(batch, heads):  # batch * heads is the grid's y axis
+        kernel[(ceil_div(n, launch.block_n), (part.stop - part.start) * heads)](
+            q[part], k[part], v[part], out[part], *(batch_part(t, part) for t in (query_labels, key_labels,
+                                                                                   key_blocks, counts)),
+            heads, n, m, dim, dim_v, scale * LOG2_E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *label_strides,
+            HAS_LABELS=region is not None, UPCAST=interpreted or q.dtype == torch.float32,
+            DOT_PRECISION=dot_precision(q.dtype, interpreted),
+            BLOCK_N=launch.block_n, BLOCK_M=launch.block_m, BLOCK_D=dim_pad, BLOCK_DV=dim_v_pad,
+            num_warps=launch.num_warps, num_stages=launch.num_stages)
     return out
 
 
@@ -152,6 +168,11 @@ class MaskedTritonBackend(Backend):
     def not_supported_reasons(self, call: AttentionCall) -> List[str]:
         reasons = super().not_supported_reasons(call)
         reasons += triton_support.call_reasons(call)
+        if call.device.type == "cuda" and triton_support.triton_unavailable_reason() is None:
+            dims = (call.q.shape[-1], call.v.shape[-1])
+            if max(dims) <= triton_support.MAX_HEAD_DIM:
+                reason = tile_reason(*dims, call.dtype, triton_support.shared_memory_per_program(call.device))
+                reasons += [reason] if reason else []
         if call.mask.dense is not None:
             reasons.append("dense masks are not supported (only RegionMask or no mask)")
         if call.is_causal:

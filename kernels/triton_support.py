@@ -20,6 +20,8 @@ from ..attention.backends.base import AttentionCall
 INTERPRET_ENV = "TRITON_INTERPRET"
 # Head dims above this would need smaller blocks than the kernels' launch configurations provide.
 MAX_HEAD_DIM = 256
+# CUDA allows at most this many programs along a grid's y (and z) axis; the kernels put batch * heads there.
+MAX_GRID_Y = 65535
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +81,8 @@ def call_reasons(call: AttentionCall) -> List[str]:
         reasons += device_reasons(device)
         if call.dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
             reasons.append("bfloat16 needs a GPU of compute capability 8.0 or newer")
+    if call.q.shape[1] > MAX_GRID_Y:
+        reasons.append(f"more than {MAX_GRID_Y} heads in one call are not supported (got {call.q.shape[1]})")
     if max(dim, dim_v) > MAX_HEAD_DIM:
         reasons.append(f"head dims above {MAX_HEAD_DIM} are not supported (got D={dim}, Dv={dim_v})")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (call.q, call.k, call.v)):
@@ -90,6 +94,18 @@ def shared_memory_per_program(device: torch.device) -> int:
     """Bytes of shared memory one kernel program may use on the CUDA ``device``."""
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+
+
+def batch_parts(batch: int, heads: int) -> List[slice]:
+    """Slices of the batch, each with at most MAX_GRID_Y batch * heads programs, for grids that put batch * heads
+    on the y axis (e.g. 2 * 4096 * 8 for temporal attention over every latent pixel would exceed it)."""
+    step = max(1, MAX_GRID_Y // max(1, heads))
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def batch_part(tensor: torch.Tensor, part: slice) -> torch.Tensor:
+    """``tensor[part]`` for a per-batch tensor; a (1, ...) tensor shared by the whole batch stays as it is."""
+    return tensor[part] if tensor.shape[0] > 1 else tensor
 
 
 def load_kernels(module_name: str):

@@ -1,7 +1,45 @@
-"""Shared test helpers: random ComfyUI-layout inputs and mask builders."""
+"""Shared test helpers: random ComfyUI-layout inputs and mask builders, and the device the tests run on.
+
+EFFICIENT_ATTENTION_POP_DEVICE=cuda (set by ``gpu-report``) runs the library calls of the device-parametrised
+test modules on CUDA: they call ``attention = on_device(attention)``, so inputs are built and references
+computed on the CPU as always, and only the call under test runs on the device.
+"""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+
+DEVICE = torch.device(os.environ.get("EFFICIENT_ATTENTION_POP_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    raise RuntimeError("EFFICIENT_ATTENTION_POP_DEVICE asks for CUDA, but torch sees no CUDA device")
+
+
+def to_device(value, device):
+    """Tensors (also inside lists, tuples and RegionMasks) moved to ``device``, strides kept where dense."""
+    from efficient_attention_pop.attention import RegionMask
+
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, RegionMask):
+        return RegionMask(value.query_labels.to(device), value.key_labels.to(device))
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
+def on_device(function):
+    """``function`` run with its tensor arguments on DEVICE and its result brought back to the CPU (as is on CPU)."""
+    if DEVICE.type == "cpu":
+        return function
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        result = function(*to_device(args, DEVICE), **{key: to_device(value, DEVICE) for key, value in kwargs.items()})
+        return to_device(result, torch.device("cpu"))
+
+    return run
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 

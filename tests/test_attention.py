@@ -11,7 +11,9 @@ from efficient_attention_pop.attention import BackendNotSupported, RegionMask, a
 from efficient_attention_pop.attention.backends import masked as masked_module
 from efficient_attention_pop.attention.naive import naive_attention, naive_linear_attention
 
-from helpers import assert_close, comfy_inputs, from_heads, random_mask, to_heads
+from helpers import assert_close, comfy_inputs, from_heads, on_device, random_mask, to_heads
+
+attention = on_device(attention)  # EFFICIENT_ATTENTION_POP_DEVICE=cuda: the calls under test run on CUDA
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EXACT = ["auto", "sdpa", "masked"]

@@ -19,7 +19,9 @@ from efficient_attention_pop.attention.backends import window as window_backend
 from efficient_attention_pop.attention.backends.window import halo_for
 from efficient_attention_pop.attention.naive import naive_agent_attention, naive_todo_attention, naive_window_attention
 
-from helpers import assert_close
+from helpers import assert_close, on_device
+
+attention = on_device(attention)  # EFFICIENT_ATTENTION_POP_DEVICE=cuda: the calls under test run on CUDA
 
 layouts = st.builds(TokenLayout, frames=st.integers(1, 2), height=st.integers(1, 9), width=st.integers(1, 9),
                     before=st.integers(0, 5), after=st.integers(0, 4))

@@ -1,4 +1,6 @@
-"""The fused Triton kernels against the naive references, on CPU tensors through Triton's interpreter.
+"""The fused Triton kernels against the naive references, on CPU tensors through Triton's interpreter, or
+compiled for real on CUDA with EFFICIENT_ATTENTION_POP_DEVICE=cuda (``gpu-report`` sets it): then the calls
+under test run on the GPU (``on_device``), the interpreter is not forced, and the large-shape tests run too.
 
 Triton decides when ``triton`` is first imported, and when each ``@triton.jit`` kernel is decorated,
 whether it interprets. So TRITON_INTERPRET=1 is set here before anything imports triton or the kernel
@@ -16,14 +18,18 @@ import sys
 import pytest
 import torch
 
+from helpers import DEVICE, assert_close, comfy_inputs, from_heads, on_device, to_heads
+
+ON_CPU = DEVICE.type == "cpu"
 _previous_interpret = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+if ON_CPU:
+    os.environ["TRITON_INTERPRET"] = "1"
 try:
     pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot be tested")
     from efficient_attention_pop.kernels import triton_support
 
     cpu_reasons = triton_support.device_reasons(torch.device("cpu"))  # e.g. triton imported earlier, compiled
-    if cpu_reasons:
+    if cpu_reasons and ON_CPU:
         pytest.skip("; ".join(cpu_reasons), allow_module_level=True)
     from efficient_attention_pop.kernels import linear_triton_kernels, masked_triton_kernels  # noqa: F401 (decorate)
 finally:
@@ -35,17 +41,29 @@ finally:
 from efficient_attention_pop.attention import (BACKENDS, BackendNotSupported, RegionMask, attention, availability,
                                                explain, merge_heads)
 from efficient_attention_pop.attention.naive import naive_attention, naive_linear_attention
-from efficient_attention_pop.kernels.masked_triton import INTERPRETER_LAUNCH, visible_key_blocks
-
-from helpers import assert_close, comfy_inputs, from_heads, to_heads
+from efficient_attention_pop.kernels.masked_triton import INTERPRETER_LAUNCH, flash_launch, visible_key_blocks
+from efficient_attention_pop.kernels.triton_support import padded_dim
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 BLOCK_N, BLOCK_M = INTERPRETER_LAUNCH.block_n, INTERPRETER_LAUNCH.block_m
+attention = on_device(attention)  # on CUDA: inputs moved there, results back to the CPU references
+cpu_only = pytest.mark.skipif(not ON_CPU, reason="checks the CPU / interpreter side")
+cuda_only = pytest.mark.skipif(ON_CPU, reason="large shapes: run with EFFICIENT_ATTENTION_POP_DEVICE=cuda")
 
 
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if ON_CPU:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def masked_blocks(dim: int, dtype) -> tuple:
+    """(BLOCK_N, BLOCK_M) that masked_triton launches with for head dim ``dim`` on DEVICE."""
+    if ON_CPU:
+        return BLOCK_N, BLOCK_M
+    launch = flash_launch(padded_dim(dim), padded_dim(dim), torch.tensor([], dtype=dtype).element_size(),
+                          triton_support.shared_memory_per_program(DEVICE))
+    return launch.block_n, launch.block_m
 
 
 def heads_of(*tensors, heads):
@@ -224,28 +242,119 @@ def test_masked_triton_skips_blocks_and_stays_exact(dtype):
     """Keys of label 3 fill whole key blocks that no query may see: their v is NaN, so visiting one
     would poison the output; the kernel must skip them and still match the reference."""
     heads, dim = 2, 32
-    query_labels = sorted_regions([20, 25, 19])  # labels 0, 1, 2
-    key_labels = sorted_regions([18, 14, 16, 48])  # label 3 fills key blocks 3 to 5 (keys 48..95)
+    block_n, block_m = masked_blocks(dim, dtype)
+    unit = block_m // 16
+    query_labels = sorted_regions([20 * unit, 25 * unit, 19 * unit])  # labels 0, 1, 2
+    key_labels = sorted_regions([block_m + 2, block_m - 2, block_m, 3 * block_m])  # label 3 fills key blocks 3 to 5
     n, m = query_labels.shape[1], key_labels.shape[1]
     q, k, v = comfy_inputs(2, n, m, heads, dim, dim, dtype, seed=8)
-    v[:, 3 * BLOCK_M:] = float("nan")
+    v[:, 3 * block_m:] = float("nan")
     region = RegionMask(query_labels, key_labels)
-    _, counts = visible_key_blocks(query_labels, key_labels, BLOCK_N, BLOCK_M)
-    assert counts.max() < -(-m // BLOCK_M)  # some key blocks are skipped for every query block
+    _, counts = visible_key_blocks(query_labels, key_labels, block_n, block_m)
+    assert counts.max() < -(-m // block_m)  # some key blocks are skipped for every query block
     out = attention(q, k, v, heads, region, backend="masked_triton")
     v_seen = v.clone()
-    v_seen[:, 3 * BLOCK_M:] = 0.0  # never attended: the reference gives them weight 0 (and 0 * NaN = NaN)
+    v_seen[:, 3 * block_m:] = 0.0  # never attended: the reference gives them weight 0 (and 0 * NaN = NaN)
     assert_close(out, region_reference(q, k, v_seen, heads, region), dtype, "skipped blocks")
 
 
+def strided_inputs():
+    """(B, H, N, D) q with stride 1 on H (a permuted (B, D, N, H) buffer), k and v slices of one tensor, on DEVICE."""
+    q = torch.randn(2, 40, 25, 3, device=DEVICE).permute(0, 3, 2, 1)
+    kv = torch.randn(2, 3, 31, 80, device=DEVICE)
+    return q, kv[..., :40], kv[..., 40:]
+
+
 def test_masked_triton_strided_split_heads():
-    """skip_reshape inputs with arbitrary strides (a permuted (B, D, N, H) buffer, k and v slices of one tensor)."""
-    q = torch.randn(2, 40, 25, 3).permute(0, 3, 2, 1)  # (B, H, N, D) with stride 1 on H
-    kv = torch.randn(2, 3, 31, 80)
-    k, v = kv[..., :40], kv[..., 40:]
+    """skip_reshape inputs with arbitrary strides, made on the device (moving them would make them contiguous)."""
+    q, k, v = strided_inputs()
     region = RegionMask(torch.randint(-1, 2, (1, 25)), torch.randint(-1, 2, (2, 31)))
     out = attention(q, k, v, 3, region, backend="masked_triton", skip_reshape=True, skip_output_reshape=True)
-    assert_close(out, naive_attention(q, k, v, region.to_dense()), FP32, "strided")
+    assert_close(out, naive_attention(q.cpu(), k.cpu(), v.cpu(), region.to_dense()), FP32, "strided")
+
+
+def test_linear_triton_strided_split_heads():
+    q, k, v = strided_inputs()
+    key_bias = torch.zeros(2, 31).masked_fill(torch.rand(2, 31, generator=torch.Generator().manual_seed(2)) < 0.3,
+                                              float("-inf"))
+    out = attention(q, k, v, 3, key_bias[:, None, None], backend="linear_triton", skip_reshape=True,
+                    skip_output_reshape=True)
+    expected = naive_linear_attention(q.cpu(), k.cpu(), v.cpu(), allowed=dense_allowed(key_bias == 0))
+    assert_close(out, expected, FP32, "strided linear")
+
+
+@pytest.mark.parametrize("backend", ["masked_triton", "linear_triton"])
+def test_grids_beyond_the_y_axis_limit_are_split(backend, monkeypatch):
+    """batch * heads above CUDA's 65535 programs on a grid's y axis: the launchers split the batch. Here the
+    limit is lowered to 4 programs, so 5 batches of 3 heads take 5 launches; a part left out stays garbage."""
+    from efficient_attention_pop.kernels import linear_triton, masked_triton
+
+    monkeypatch.setattr(triton_support, "MAX_GRID_Y", 4)
+    assert triton_support.batch_parts(5, 3) == [slice(i, i + 1) for i in range(5)]
+    assert triton_support.batch_parts(7, 2) == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 7)]
+    grids = []
+    module_name, kernel_name = (("masked_triton_kernels", "region_attention_kernel") if backend == "masked_triton"
+                                else ("linear_triton_kernels", "linear_output_kernel"))
+    kernels = triton_support.load_kernels(module_name)
+    kernel = getattr(kernels, kernel_name)
+    interpreted = triton_support.runs_interpreted(kernel)
+    monkeypatch.setattr(kernels, kernel_name, GridRecorder(kernel, grids))
+    for module in (masked_triton, linear_triton):
+        monkeypatch.setattr(module, "runs_interpreted", lambda _kernel: interpreted)
+    q, k, v = comfy_inputs(5, 21, 19, 3, 32, 32, FP32, seed=9)
+    qh, kh, vh = heads_of(q, k, v, heads=3)
+    if backend == "linear_triton":
+        expected = naive_linear_attention(qh, kh, vh)
+        assert_close(attention(q, k, v, 3, backend=backend), from_heads(expected), FP32, "split linear")
+        assert [grid[1] for grid in grids] == [3] * 5, grids
+        return
+    for label_batch in (1, 5):
+        gen = torch.Generator().manual_seed(label_batch)
+        region = RegionMask(torch.randint(-1, 3, (label_batch, 21), generator=gen),
+                            torch.randint(-1, 3, (5, 19), generator=gen))
+        assert_close(attention(q, k, v, 3, region, backend=backend), region_reference(q, k, v, 3, region), FP32,
+                     f"split region, label batch {label_batch}")
+    assert_close(attention(q, k, v, 3, backend=backend), from_heads(naive_attention(qh, kh, vh)), FP32, "split")
+    assert [grid[1] for grid in grids] == [3] * 15, grids  # 3 calls, each 5 launches of one batch's 3 heads
+
+
+class GridRecorder:
+    """A kernel stand-in that records each launch grid and launches the real kernel."""
+
+    def __init__(self, kernel, grids):
+        self.kernel, self.grids = kernel, grids
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("capability, shared_memory", [((7, 5), 65536), ((8, 0), 166912), ((8, 6), 101376),
+                                                        ((8, 9), 101376), ((9, 0), 232448)])
+@pytest.mark.parametrize("element_size", [2, 4])
+def test_flash_tiles_fit_every_gpus_shared_memory(capability, shared_memory, element_size):
+    """masked_triton's tile choice from its own constants: q block + k and v blocks per stage within the share
+    of the device's shared memory it budgets, for every head dim it serves (a tile that does not fit fails to
+    launch on that GPU: "out of resource: shared memory"), with the largest tile where it fits."""
+    from efficient_attention_pop.kernels import masked_triton
+
+    budget = masked_triton.SHARED_MEMORY_SHARE * shared_memory
+    dtype = FP32 if element_size == 4 else FP16
+    for dim in (32, 40, 64, 80, 96, 128, 160, 256):
+        pad = padded_dim(dim)
+        launch = flash_launch(pad, pad, element_size, shared_memory)
+        reason = masked_triton.tile_reason(dim, dim, dtype, shared_memory)
+        if launch is None:  # then even the smallest tile is too big, and the backend refuses (auto takes masked)
+            block_n, block_m, stages = masked_triton.FLASH_TILES[-1]
+            assert (block_n * pad + stages * block_m * 2 * pad) * element_size > budget
+            assert reason and f"D={dim}" in reason and f"{shared_memory // 1024} KB" in reason
+            continue
+        assert reason is None
+        tile = (launch.block_n * pad + launch.num_stages * launch.block_m * 2 * pad) * element_size
+        assert tile <= budget, (capability, dim, element_size, launch)
+        assert launch.block_n >= 16 and launch.block_m >= 16 and launch.num_warps in (4, 8)
+    assert flash_launch(64, 64, 2, 232448).block_n == 128  # H100: the largest tile for SD-sized heads
+    assert flash_launch(128, 128, 2, 101376) is not None  # Flux heads in bf16 on a 99 KB consumer GPU
 
 
 def test_masked_triton_refuses_with_reasons():
@@ -270,6 +379,7 @@ def test_masked_triton_refuses_with_reasons():
 
 # ---------------------------------------------------------------------------------- dispatch and availability
 
+@cpu_only
 def test_explain_on_cpu_names_masked_triton(monkeypatch):
     q, k, v = comfy_inputs(2, 4, 5, 2, 8, 8)
     region = RegionMask(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 5, dtype=torch.long))
@@ -287,6 +397,7 @@ def test_explain_on_cpu_names_masked_triton(monkeypatch):
     assert "approximate" in compiled.passed_over["linear_triton"][0]
 
 
+@cpu_only
 def test_unavailable_reasons(monkeypatch):
     backend = BACKENDS["masked_triton"]
     assert backend.unavailable_reason() is None  # interpreter requested
@@ -377,6 +488,7 @@ for capability, shared_memory in TARGETS.items():
 """
 
 
+@cpu_only
 @pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
                     reason="this triton has no NVIDIA backend to compile with")
 def test_gpu_kernels_compile_for_sm80_and_sm90():
@@ -385,3 +497,50 @@ def test_gpu_kernels_compile_for_sm80_and_sm90():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("region_attention_kernel") == 6 and result.stdout.count("linear_") == 4
+
+
+# ------------------------------------------------------------------------- CUDA only: shapes of real models
+
+def _sdpa_reference(q, k, v, heads, dense=None):
+    """torch SDPA in fp32 on the device, (B, N, H*D) in and out."""
+    qh, kh, vh = (to_heads(t.float(), heads) for t in (q, k, v))
+    return from_heads(torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=dense)).cpu()
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("dim, heads, text", [(128, 4, 512), (40, 8, 0), (64, 10, 77)])
+def test_masked_triton_large_shapes(dim, heads, text, dtype):
+    """Flux-, SD1.5- and SDXL-like heads with 64x64 image grids (+ text), unmasked and isolate-regions."""
+    side = 64
+    n = text + side * side
+    q, k, v = (t.to(DEVICE) for t in comfy_inputs(1, n, n, heads, dim, dim, dtype, seed=dim))
+    assert_close(attention(q, k, v, heads, backend="masked_triton"), _sdpa_reference(q, k, v, heads), dtype, "no mask")
+    labels = torch.cat([torch.full((text,), -1), (torch.arange(side * side) % side >= side // 2).long()])[None]
+    region = RegionMask(labels, labels)
+    out = attention(q, k, v, heads, region, backend="masked_triton")
+    dense = region.to_dense().to(DEVICE)
+    assert_close(out, _sdpa_reference(q, k, v, heads, dense), dtype, "isolate regions")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_linear_triton_large_shapes(dtype):
+    """N = 20000 keys and queries (an SD1.5 1024 px level and more) against the PyTorch linear backend in fp32."""
+    from efficient_attention_pop.attention import attention as library_attention
+
+    q, k, v = (t.to(DEVICE) for t in comfy_inputs(2, 20000, 20000, 8, 64, 64, dtype, seed=1))
+    expected = library_attention(q.float(), k.float(), v.float(), 8, backend="linear").cpu()
+    assert_close(attention(q, k, v, 8, backend="linear_triton"), expected, dtype, "N=20000")
+
+
+@cuda_only
+@pytest.mark.parametrize("backend", ["masked_triton", "linear_triton"])
+def test_kernels_beyond_65535_batch_heads(backend):
+    """batch * heads = 8200 * 8 > 65535 (temporal attention over every pixel of a 64x64 latent, cond and uncond)."""
+    from efficient_attention_pop.attention import attention as library_attention
+
+    q, k, v = (t.to(DEVICE) for t in comfy_inputs(8200, 16, 16, 8, 32, 32, FP16, seed=2))
+    reference = "linear" if backend == "linear_triton" else "sdpa"
+    expected = library_attention(q.float(), k.float(), v.float(), 8, backend=reference).cpu()
+    assert_close(attention(q, k, v, 8, backend=backend), expected, FP16, f"{backend} B*H=65600")
