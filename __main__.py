@@ -1,4 +1,4 @@
-"""Command line: ``python -m efficient_attention_pop bench|quality|info`` (also the ``efficient-attention-pop`` script)."""
+"""Command line: ``python -m efficient_attention_pop bench|quality|gpu-report|info`` (also the ``efficient-attention-pop`` script)."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,12 @@ def quality(args) -> int:
     return 0
 
 
+def gpu_report(args) -> int:
+    from .benchmark.gpu_report import run_report
+
+    return run_report(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="efficient-attention-pop",
                                      description="Efficient Attention (PoP): benchmark and environment report")
@@ -151,9 +157,17 @@ def main(argv=None) -> int:
                                 help="measure a diffusion model file of your own instead, loaded by ComfyUI "
                                      "(needs ComfyUI importable: run inside ComfyUI's Python or set COMFYUI_PATH)")
     quality_parser.set_defaults(func=quality)
+    from .benchmark.gpu_report import add_arguments as gpu_report_arguments
+
+    report_parser = sub.add_parser(
+        "gpu-report", help="tests on the device, bench in bf16/fp16 and quality, each stage time-limited, in one "
+                           "Markdown report (--device cpu checks it without a GPU)")
+    gpu_report_arguments(report_parser, "cuda" if torch.cuda.is_available() else "cpu")
+    report_parser.set_defaults(func=gpu_report)
     info_parser = sub.add_parser("info", help="versions, device, and which backends are available here")
     info_parser.set_defaults(func=info)
     args = parser.parse_args(argv)
+    args.argv = ["python -m efficient_attention_pop"] + list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 
