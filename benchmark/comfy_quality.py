@@ -109,9 +109,10 @@ def measure(comfy, model, variant, positive, negative, size, steps, seed, exact_
     settings = PatchSettings(backend=variant.backend, options=dict(variant.options))
     probe = patch_model(model, settings)
     patch = probe.model_options["transformer_options"]["optimized_attention_override"].patch
-    patch.guard.measure_only = True  # every served call computes the variant beside exact and returns exact
+    guard = patch.guard_for(str(model.load_device))
+    guard.measure_only = True  # every served call computes the variant beside exact and returns exact
     sample_latent(comfy, probe, positive, negative, size, steps, seed)
-    layers = list(patch.guard.layers.values())
+    layers = list(guard.layers.values())
     if not layers:
         raise SystemExit(f"error: no attention call of this model was served by {variant.label}")
     cosines = [statistics.fmean(record.cosines) for record in layers]

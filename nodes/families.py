@@ -1,13 +1,17 @@
 """What the node knows about ComfyUI's model families: where an attention call's image tokens are, and
 which calls are self- and which are cross-attention.
 
-Read from each family's model code in ComfyUI (see README, "Model families"). Importing this needs no
-ComfyUI: families are recognised by the class name of the diffusion model.
+Read from each family's model code in ComfyUI (see docs/model-families.md). Importing this needs no ComfyUI:
+families are recognised by the class names of the diffusion model's class hierarchy, and every layout is checked
+against what the call and the model show.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple
+
+import torch
 
 from ..attention.layout import TokenLayout, find_token_layout
 
@@ -16,12 +20,21 @@ from ..attention.layout import TokenLayout, find_token_layout
 class ModelFamily:
     """How one family's attention calls are laid out.
 
-    patch_size / temporal_patch: a DiT's latent cells per token (None: a UNet, whose levels halve the latent).
+    patch_size: a DiT's latent cells per token, (frames, height, width) (None: a UNet, whose levels halve the
+        latent); the model's own ``patch_size`` replaces this default when the node runs (model_family).
     others_first: where self-attention puts tokens other than the image grid (joint text, register tokens,
         reference frames): True before it [text, image, ...], False after it [image, text, ...]; None: none.
-    references_after_image: with others first, tokens beyond the text and the image are reference images after
-        the image (Flux Kontext, Qwen-Image Edit), so the text's own length (c_crossattn) says where the image
-        starts; False: every token before the image is text-like (AuraFlow's register tokens too).
+    references_after_image: with others first, reference-image tokens may follow the image (Flux Kontext,
+        Qwen-Image Edit); their count comes from the model call's reference latents (``reference_keyword``) or
+        from ComfyUI's ``reference_image_num_tokens``, never from what is left over.
+    reference_keyword: the apply_model keyword holding reference latents (a list of latents, or one latent).
+    references_before_image: those reference tokens sit just before the image instead (HunyuanVideo's ref_latent
+        in ComfyUI that sets img_slice, where the image part is [reference, image]).
+    text_before_image: the tokens before the image (less references before it) are exactly this model call's text
+        (c_crossattn), padded up to ``text_padding_multiple`` where given (Z-Image): a count that differs means
+        the layout is not what the pack knows, and it is not used.
+    image_padding_multiple: the image tokens are followed by padding up to a multiple of this (Z-Image); read
+        from the model's ``pad_tokens_multiple`` when the node runs.
     cross_attention: separate cross-attention calls whose keys are text (or CLIP image, audio) tokens.
     keys_append_text: self-attention keys are [image tokens, text tokens] (Stable Cascade).
     context_keywords: apply_model keywords whose token count is the key count of a cross-attention call
@@ -31,73 +44,129 @@ class ModelFamily:
     mask_unsupported: why a MASK cannot be placed on this family's tokens (None: it can).
     layout_changing_keywords: apply_model keywords that put tokens where this pack does not place them
         (the mask is then declined for that model call).
+    known: False for a model class the pack knows nothing about (no class of its hierarchy is in FAMILIES).
+    recognised_as: how the family was recognised, for the log (e.g. "SCAILWanModel, a subclass of WanModel").
     """
 
     name: str
-    patch_size: Optional[int] = None
-    temporal_patch: int = 1
+    patch_size: Optional[Tuple[int, int, int]] = None
     others_first: Optional[bool] = None
     references_after_image: bool = False
+    reference_keyword: Optional[str] = None
+    references_before_image: bool = False
+    text_before_image: bool = False
+    text_padding_multiple: Optional[int] = None
+    image_padding_multiple: Optional[int] = None
     cross_attention: bool = False
     keys_append_text: bool = False
     context_keywords: Tuple[str, ...] = ()
     fixed_context_tokens: Tuple[int, ...] = ()
     mask_unsupported: Optional[str] = None
     layout_changing_keywords: Tuple[str, ...] = ()
+    known: bool = True
+    recognised_as: str = ""
 
     @property
     def is_unet(self) -> bool:
         return self.patch_size is None
 
 
-def _dit(name, **layout):
-    return ModelFamily(name, patch_size=layout.pop("patch_size", 2), **layout)
+def _dit(name, patch_size=2, temporal_patch=1, **layout):
+    return ModelFamily(name, patch_size=(temporal_patch, patch_size, patch_size), **layout)
 
 
 _WAN = dict(cross_attention=True, context_keywords=("clip_fea",))
 _AUDIO = "its latent is audio, with no image grid to place a mask on"
+_JOINT_TEXT_FIRST = dict(others_first=True, text_before_image=True)
+_REFERENCES_AFTER = dict(references_after_image=True, reference_keyword="ref_latents")
 
-# type(diffusion_model).__name__ -> family, as each model's forward in ComfyUI 0.3.64 lays out its tokens.
+# Class name of a diffusion model, or of one of its base classes -> family, as each model's forward in ComfyUI
+# lays out its tokens (0.3.64 and 0.33; see docs/model-families.md). A subclass inherits its base's knowledge; every
+# layout is still checked against the call's token count, the latent, the model's patch size and the text.
 FAMILIES: Dict[str, ModelFamily] = {
     "UNetModel": ModelFamily("UNet", cross_attention=True),  # SD1.x, SD2.x, SDXL, SVD (+ temporal attention)
     "StageC": ModelFamily("Stable Cascade C", keys_append_text=True),
     "StageB": ModelFamily("Stable Cascade B", keys_append_text=True),
-    "OpenAISignatureMMDITWrapper": _dit("SD3", others_first=True),
+    "OpenAISignatureMMDITWrapper": _dit("SD3", **_JOINT_TEXT_FIRST),
     "MMDiT": _dit("AuraFlow", others_first=True),  # [register tokens, text, image]
-    "Flux": _dit("Flux", others_first=True, references_after_image=True),  # Kontext: reference tokens after
-    "Chroma": _dit("Chroma", others_first=True, references_after_image=True),
-    "ChromaRadiance": _dit("Chroma Radiance", patch_size=16, others_first=True, references_after_image=True),
+    "Flux": _dit("Flux", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),  # Flux 2: patch 1, read from the model
+    "Chroma": _dit("Chroma", **_JOINT_TEXT_FIRST),
     "HunyuanVideo": _dit("HunyuanVideo", others_first=False, layout_changing_keywords=("ref_latent",)),
     "WanModel": _dit("Wan", **_WAN),
-    "VaceWanModel": _dit("Wan VACE", **_WAN),
-    "CameraWanModel": _dit("Wan Camera", **_WAN),
     "HumoWanModel": _dit("Wan HuMo", others_first=False, fixed_context_tokens=(16,), **_WAN),  # [video, reference]
-    "AnimateWanModel": _dit("Wan Animate", **_WAN),
     "LTXVModel": _dit("LTXV", patch_size=1, cross_attention=True),
-    "QwenImageTransformer2DModel": _dit("Qwen-Image", others_first=True, references_after_image=True),
+    "QwenImageTransformer2DModel": _dit("Qwen-Image", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),
+    "MageFlowTransformer2DModel": _dit("MageFlow", patch_size=1, **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),
     "NextDiT": _dit("Lumina 2", others_first=True),
     "HiDreamImageTransformer2DModel": _dit("HiDream", others_first=False),
     "AsymmDiTJoint": _dit("Mochi", others_first=False),
     "GeneralDIT": _dit("Cosmos", cross_attention=True),
     "MiniTrainDIT": _dit("Cosmos Predict2", cross_attention=True),
     "OmniGen2Transformer2DModel": _dit("OmniGen2", others_first=True, layout_changing_keywords=("ref_latents",)),
-    "AudioDiffusionTransformer": ModelFamily("Stable Audio", patch_size=1, cross_attention=True,
-                                             mask_unsupported=_AUDIO),
-    "ACEStepTransformer2DModel": ModelFamily("ACE-Step", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
-    "Hunyuan3Dv2": ModelFamily("Hunyuan3D v2", patch_size=1, others_first=True,
-                               mask_unsupported="its latent is a 3-D shape, with no image grid to place a mask on"),
+    "AudioDiffusionTransformer": _dit("Stable Audio", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
+    "ACEStepTransformer2DModel": _dit("ACE-Step", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
+    "Hunyuan3Dv2": _dit("Hunyuan3D v2", patch_size=1, others_first=True,
+                        mask_unsupported="its latent is a 3-D shape, with no image grid to place a mask on"),
 }
 
 
+def _patch_size_of(diffusion_model) -> Optional[Tuple[int, int, int]]:
+    """The model's own latent cells per token (frames, height, width), from its ``patch_size`` (an int, or a list
+    or tuple of 2 or 3), ``patch`` or ``patch_temporal``/``patch_spatial`` attributes; None where it says none."""
+    spatial = getattr(diffusion_model, "patch_spatial", None)
+    if isinstance(spatial, int):
+        temporal = getattr(diffusion_model, "patch_temporal", 1)
+        return (temporal if isinstance(temporal, int) else 1, spatial, spatial)
+    for name in ("patch_size", "patch"):
+        value = getattr(diffusion_model, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return (1, value, value)
+        if isinstance(value, (list, tuple)) and len(value) in (2, 3) and all(
+                isinstance(v, int) and v > 0 for v in value):
+            return tuple(value) if len(value) == 3 else (1, value[0], value[1])
+    return None
+
+
+def _code_constants(cls) -> set:
+    """The string constants of the functions defined on ``cls`` (one level of nested code included)."""
+    found = set()
+    for value in vars(cls).values():
+        code = getattr(value, "__code__", None)
+        for const in (code.co_consts if code is not None else ()):
+            if isinstance(const, str):
+                found.add(const)
+            elif hasattr(const, "co_consts"):
+                found.update(c for c in const.co_consts if isinstance(c, str))
+    return found
+
+
 def model_family(diffusion_model) -> ModelFamily:
-    """The family of a ComfyUI diffusion model; an unknown model gets a family without layout knowledge
-    (its calls are served, a MASK is declined with a warning)."""
-    name = type(diffusion_model).__name__
-    if name in FAMILIES:
-        return FAMILIES[name]
-    if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
-        return ModelFamily(name, cross_attention=True)  # a UNet variant
-    return ModelFamily(name, mask_unsupported=f"the token layout of {name} is not known to this pack")
+    """The family of a ComfyUI diffusion model, found through its class hierarchy (a subclass inherits its base's
+    knowledge), with the model's own patch size and padding. An unknown model gets a family without layout
+    knowledge: its calls run exact, a MASK is declined with a warning."""
+    own = type(diffusion_model).__name__
+    base, family = next(((cls, FAMILIES[cls.__name__]) for cls in type(diffusion_model).__mro__
+                         if cls.__name__ in FAMILIES), (None, None))
+    if family is None:
+        if hasattr(diffusion_model, "input_blocks") and hasattr(diffusion_model, "output_blocks"):
+            return ModelFamily(own, cross_attention=True, recognised_as=f"{own}, a UNet (input/output blocks)")
+        return ModelFamily(own, mask_unsupported=f"the token layout of {own} is not known to this pack", known=False,
+                           recognised_as=f"{own}, a class this pack does not know")
+    recognised = own if base is type(diffusion_model) else f"{own}, a subclass of {base.__name__}"
+    family = replace(family, recognised_as=recognised)
+    if not family.is_unet:
+        patch = _patch_size_of(diffusion_model)
+        if patch is not None:
+            family = replace(family, patch_size=patch)
+        multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
+        if isinstance(multiple, int) and multiple > 1:  # Z-Image: caption and image each padded to a multiple
+            family = replace(family, image_padding_multiple=multiple, text_padding_multiple=multiple,
+                             text_before_image=True)
+    if base.__name__ == "HunyuanVideo" and "img_slice" in _code_constants(base):
+        # the HunyuanVideo that sets img_slice (ComfyUI 0.14 and later) builds [text, reference latent, image]
+        family = replace(family, others_first=True, references_before_image=True, reference_keyword="ref_latent",
+                         layout_changing_keywords=())
+    return family
 
 
 @dataclass
@@ -114,10 +183,19 @@ class ModelCall:
     context_tokens: frozenset
     text_tokens: Optional[int]
     active: bool = True
+    reference_tokens: int = 0  # tokens of this call's reference latents (Flux Kontext, Qwen-Image Edit, ...)
     unplaceable: Optional[str] = None  # why a mask cannot be placed in this model call (e.g. a reference latent)
     reached: bool = False  # some attention call of this model call reached the override
     tied_calls: Dict[int, int] = field(default_factory=dict)  # calls per token count where self/cross tie
     served_calls: int = 0  # calls the node's approximation was asked for so far (the quality guard's layer index)
+    device: str = "cpu"  # where this model call runs (caches and guard decisions are per device)
+    calls: int = 0  # attention calls the node served in this model call
+    approximated: int = 0  # of those, calls an approximate backend ran
+
+    def count(self, exact: bool) -> None:
+        """One served attention call, run exact or by an approximation."""
+        self.calls += 1
+        self.approximated += 0 if exact else 1
 
     def next_served_call(self) -> int:
         self.served_calls += 1
@@ -135,14 +213,17 @@ class ModelCall:
 
 
 def is_self_attention(family: ModelFamily, query_tokens: int, key_tokens: int, model_call: Optional[ModelCall],
-                      query_is_image: Optional[bool], keys_are_image: bool) -> bool:
+                      query_is_image: Optional[bool], keys_are_image: bool) -> Optional[bool]:
     """Self-attention (keys from the queries' own sequence) or cross-attention (keys from another one).
 
     Equal token counts alone do not decide it: at some sizes an image level has as many tokens as the text
     (SD1.5 at 448x704: 77), and unequal counts can be self-attention with merged queries (ToMe) or with text
     appended to the keys (Stable Cascade). ``query_is_image``: the queries are this call's image tokens (None:
     not known for this family); ``keys_are_image``: the keys are; ``model_call``: this model call's text lengths.
+    None for a model the pack does not know.
     """
+    if not family.known:
+        return None  # what the arguments show cannot tell it for a model the pack does not know
     context = model_call.context_tokens if model_call is not None else frozenset()
     if query_tokens == key_tokens:
         if not (family.cross_attention and key_tokens in context):
@@ -157,21 +238,89 @@ def is_self_attention(family: ModelFamily, query_tokens: int, key_tokens: int, m
     return keys_are_image  # fewer queries than image keys: merged queries (ToMe)
 
 
-def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall],
-                activations_shape: Optional[Sequence[int]] = None) -> Optional[TokenLayout]:
-    """Where the image tokens of a ``tokens``-long self-attention sequence are, or None if not known.
-
-    UNets: the level's ``activations_shape`` (B, C, H, W) where ComfyUI provides it, else the halving of
-    the latent that fits. DiTs: the patch grid, with joint text before or after it.
-    """
-    if model_call is None:
+def _patch_grid(latent_shape: Sequence[int], patch: Tuple[int, int, int]) -> Optional[TokenLayout]:
+    """The token grid a DiT cuts a (B, C, H, W) or (B, C, T, H, W) latent into (each axis padded up to its patch)."""
+    if len(latent_shape) not in (4, 5):
         return None
-    if family.is_unet and activations_shape is not None and len(activations_shape) == 4:
-        height, width = activations_shape[-2:]
-        return TokenLayout(1, height, width) if height * width == tokens else None
-    text_tokens = model_call.text_tokens if family.others_first and family.references_after_image else None
-    return find_token_layout(model_call.latent_shape, tokens, family.patch_size, family.others_first, text_tokens,
-                             family.temporal_patch)
+    frames = latent_shape[2] if len(latent_shape) == 5 else 1
+    pt, ph, pw = patch
+    return TokenLayout(math.ceil(frames / pt), math.ceil(latent_shape[-2] / ph), math.ceil(latent_shape[-1] / pw))
+
+
+def reference_tokens(family: ModelFamily, conds: dict) -> int:
+    """Tokens of a model call's reference latents (``family.reference_keyword``), each cut like the image."""
+    references = conds.get(family.reference_keyword) if family.reference_keyword else None
+    if isinstance(references, torch.Tensor):
+        references = [references]
+    total = 0
+    for latent in references or ():
+        grid = _patch_grid(tuple(latent.shape), family.patch_size) if isinstance(latent, torch.Tensor) else None
+        total += grid.image_tokens if grid is not None else 0
+    return total
+
+
+def _round_up(count: int, multiple: Optional[int]) -> int:
+    return -(-count // multiple) * multiple if multiple else count
+
+
+def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall],
+                transformer_options: Optional[dict] = None) -> Tuple[Optional[TokenLayout], Optional[str]]:
+    """Where the image tokens of a ``tokens``-long self-attention sequence are: (layout, None), or (None, why not).
+
+    UNets: the level's ``activations_shape`` (B, C, H, W) where ComfyUI provides it, else the halving of the latent
+    that fits. DiTs: the latent cut by the model's own patch size, with the tokens beside it accounted for, each
+    from evidence: the text of this model call (c_crossattn), reference latents (their own grids, or ComfyUI's
+    ``reference_image_num_tokens``), padding rules, and ComfyUI's ``img_slice`` where it is set. (None, None): the
+    call has no image grid (text refiners, fewer tokens than the image); (None, reason): tokens do not add up.
+    """
+    if model_call is None or not family.known:
+        return None, None
+    options = transformer_options or {}
+    if family.is_unet:
+        activations = options.get("activations_shape")
+        if activations is not None and len(activations) == 4:
+            height, width = activations[-2:]
+            return (TokenLayout(1, height, width) if height * width == tokens else None), None
+        return find_token_layout(model_call.latent_shape, tokens), None
+    grid = _patch_grid(model_call.latent_shape, family.patch_size)
+    if grid is None:
+        return None, None
+    image = grid.image_tokens
+    padding = _round_up(image, family.image_padding_multiple) - image
+    others = tokens - image - padding
+    if others < 0:
+        return None, None
+    if others == 0:
+        return replace(grid, after=padding), None
+    where = (f"{tokens} tokens with a {grid.frames}x{grid.height}x{grid.width} image grid (latent "
+             f"{model_call.latent_shape}, patch {family.patch_size})")
+    if family.others_first is None:
+        return None, f"{where} leave {others} tokens that {family.name} does not put beside its image"
+    counted = options.get("reference_image_num_tokens")
+    references = (sum(counted) if isinstance(counted, (list, tuple)) and all(isinstance(c, int) for c in counted)
+                  else model_call.reference_tokens)
+    references_after = references if family.references_after_image else 0
+    references_before = references if family.references_before_image else 0
+    if not family.others_first:
+        return replace(grid, after=others + padding), None
+    before = others - references_after
+    text = model_call.text_tokens
+    if family.text_before_image and text is not None:
+        expected = _round_up(text, family.text_padding_multiple) if text or not family.text_padding_multiple \
+            else family.text_padding_multiple  # Z-Image pads an empty caption to one multiple
+        if before != expected + references_before:
+            return None, (f"{where} leave {before} tokens before the image, where this call's text"
+                          f"{' and references' if references_before else ''} are {expected + references_before}"
+                          f"{f' and {references_after} reference tokens follow it' if references_after else ''}")
+    if before < 0:
+        return None, f"{where} cannot hold the {references_after} reference tokens of this call"
+    image_slice = options.get("img_slice")
+    if (isinstance(image_slice, (list, tuple)) and len(image_slice) == 2
+            and all(isinstance(i, int) for i in image_slice) and image_slice[1] == tokens
+            and image_slice[0] + references_before != before):
+        return None, (f"ComfyUI's img_slice says the image part starts at token {image_slice[0]}, but {where} place "
+                      f"it at {before - references_before}")
+    return replace(grid, before=before, after=references_after + padding), None
 
 
 HEAD_COUNT_ATTRIBUTES = ("heads", "num_heads", "n_heads", "heads_num", "n_local_heads", "num_attention_heads")

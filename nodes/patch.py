@@ -27,7 +27,8 @@ from ..attention.backends.base import tracing
 from ..attention.layout import TokenLayout
 from ..attention.regions import MASK_MODES, QUERY_PLACES_NEEDED, region_mask_for_layout
 from .comfy_call import ComfyAttentionCall, read_call
-from .families import ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family
+from .families import (ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family,
+                       reference_tokens)
 from .guard import QualityGuard
 
 logger = logging.getLogger("efficient_attention_pop")
@@ -99,6 +100,16 @@ class ChainedOverride:
         return False
 
 
+@dataclass(frozen=True)
+class CallLayouts:
+    """Where one call's image tokens are, in its queries and in its keys (None: not placed), and ``problem``: why
+    they could not be placed where the tokens did not add up (None where nothing was wrong)."""
+
+    query: Optional[TokenLayout]
+    key: Optional[TokenLayout]
+    problem: Optional[str] = None
+
+
 class AttentionPatch:
     """The attention a patched model runs, for one node's settings. ComfyUI deep-copies model options on
     every clone; this object is configuration plus logging state, so copies share it."""
@@ -111,11 +122,20 @@ class AttentionPatch:
         self._regions: Dict[tuple, Optional[RegionMask]] = {}
         self._logged = set()
         self._deferred = []  # (level, message) logged while torch.compile traced; written after the model call
-        self.guard = QualityGuard(settings.max_error)
-        self._run_marker = None  # the schedule of the sampling run in progress (a new one starts a new guard run)
+        # Per device: ComfyUI may sample one model on several GPUs at once with deep copies of the patcher, which
+        # share this object; a device's guard measurements and decisions, and its run, are its own.
+        self.guards: Dict[str, QualityGuard] = {}
+        self._runs: Dict[str, object] = {}  # device -> the schedule of its sampling run in progress
+        self._summarised_runs: Dict[str, object] = {}  # device -> the run whose served-calls summary was logged
 
     def __deepcopy__(self, memo):
         return self
+
+    def guard_for(self, device: str) -> QualityGuard:
+        """The quality guard of one device."""
+        if device not in self.guards:
+            self.guards[device] = QualityGuard(self.settings.max_error)
+        return self.guards[device]
 
     # ---- once per model call ----
     def begin_model_call(self, latent: torch.Tensor, sigmas, context, extra_conds: dict,
@@ -132,25 +152,45 @@ class AttentionPatch:
             extra = extra_conds.get(keyword)
             if isinstance(extra, torch.Tensor) and extra.ndim >= 2:
                 context_tokens.add(extra.shape[-2])
-        if self.guard.active and transformer_options.get("sample_sigmas") is not self._run_marker:
-            self._run_marker = transformer_options.get("sample_sigmas")  # a new sampling run: calibrate again
-            self.guard.start_run()
+        device = str(latent.device)
+        guard = self.guard_for(device)
+        if transformer_options.get("sample_sigmas") is not self._runs.get(device, self):
+            self._runs[device] = transformer_options.get("sample_sigmas")  # a new sampling run on this device
+            if guard.active:
+                guard.start_run()  # calibrate again
         changing = [keyword for keyword in family.layout_changing_keywords if extra_conds.get(keyword) is not None]
         unplaceable = f"with {changing[0]} its tokens are laid out in a way this pack cannot place" if changing else None
-        return ModelCall(tuple(latent.shape), frozenset(context_tokens), text_tokens, active, unplaceable)
+        return ModelCall(tuple(latent.shape), frozenset(context_tokens), text_tokens, active,
+                         reference_tokens(family, extra_conds), unplaceable, device=device)
 
     def end_model_call(self, model_call: ModelCall) -> None:
         while self._deferred:
             logger.log(*self._deferred.pop(0))
-        if self.guard.active:
-            table = self.guard.end_model_call()
+        guard = self.guard_for(model_call.device)
+        if guard.active:
+            table = guard.end_model_call()
             if table:
                 logger.info("%s quality guard, the layers of this run (measured in its first step):\n%s", NODE_NAME,
                             table)
+        self._summarise(model_call)
         if not model_call.reached:
             self._warn_once("unreached", f"{NODE_NAME}: this {self.family.name} model made no attention call "
                             "through ComfyUI's attention override, so the node has no effect on it (families such "
                             "as Hunyuan-DiT and PixArt call attention without it; see the README)")
+
+    def _summarise(self, model_call: ModelCall) -> None:
+        """Once per sampling run and device, at its first model call that served attention: how many of its calls
+        the chosen approximation ran (the others ran exact), so a user sees when it did nothing."""
+        backend = self.settings.backend
+        run = self._runs.get(model_call.device)
+        if (backend == "auto" or BACKENDS[backend].exact or not model_call.calls
+                or self._summarised_runs.get(model_call.device, self) is run):
+            return
+        self._summarised_runs[model_call.device] = run
+        level = logging.INFO if model_call.approximated else logging.WARNING
+        logger.log(level, "%s: %s served %d of the %d attention calls of this %s model call (the others ran exact: "
+                   "min_tokens, full-precision calls, calls without a verified image layout; see the log above)",
+                   NODE_NAME, backend, model_call.approximated, model_call.calls, self.family.name)
 
     def apply_model_wrapper(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         """ComfyUI's keyed APPLY_MODEL wrapper: the ModelCall, and this patch re-installed in front of an
@@ -229,33 +269,49 @@ class AttentionPatch:
             return True
         return self.settings.sigma_end <= float(sigmas.flatten()[0]) <= self.settings.sigma_start
 
-    def _layouts(self, call: ComfyAttentionCall, model_call: Optional[ModelCall]):
-        """(query layout, key layout): where this call's image tokens are, each None where not known."""
-        activations = call.transformer_options.get("activations_shape")
+    def _layouts(self, call: ComfyAttentionCall, model_call: Optional[ModelCall]) -> "CallLayouts":
+        """Where this call's image tokens are, in its queries and in its keys (each None where not known), and why
+        they could not be placed where the tokens did not add up."""
+        if model_call is not None and model_call.unplaceable:
+            return CallLayouts(None, None, model_call.unplaceable)
+        options = call.transformer_options
         n, m = call.query_tokens, call.key_tokens
-        key_layout = call_layout(self.family, m, model_call, activations)
-        query_layout = key_layout if n == m else call_layout(self.family, n, model_call, activations)
+        key_layout, problem = call_layout(self.family, m, model_call, options)
+        query_layout = key_layout
+        if n != m:
+            query_layout, query_problem = call_layout(self.family, n, model_call, options)
+            problem = problem or query_problem
         if key_layout is None and self.family.keys_append_text and query_layout is not None and m > n:
             key_layout = replace(query_layout, after=query_layout.after + m - n)  # Cascade: text after the image
-        return query_layout, key_layout
+            problem = None
+        return CallLayouts(query_layout, key_layout, problem)
 
-    def _is_self_attention(self, call: ComfyAttentionCall, model_call: Optional[ModelCall], layouts) -> bool:
-        query_layout, key_layout = layouts
-        query_is_image = None if self.family.mask_unsupported or model_call is None else query_layout is not None
+    def _is_self_attention(self, call: ComfyAttentionCall, model_call: Optional[ModelCall],
+                           layouts: "CallLayouts") -> Optional[bool]:
+        query_is_image = None if self.family.mask_unsupported or model_call is None else layouts.query is not None
         return is_self_attention(self.family, call.query_tokens, call.key_tokens, model_call, query_is_image,
-                                 key_layout is not None)
+                                 layouts.key is not None)
 
-    def serves(self, is_self_attention: bool) -> bool:
+    def serves(self, is_self_attention: Optional[bool]) -> bool:
+        """Whether apply_to takes this call; a call that cannot be told self or cross (a model the pack does not
+        know) is taken only with apply_to=both."""
         apply_to = self.settings.apply_to
-        return apply_to == "both" or (apply_to == "self-attention") == is_self_attention
+        if apply_to == "both":
+            return True
+        if is_self_attention is None:
+            self._warn_once("self-or-cross", f"{NODE_NAME}: {self.family.recognised_as}: this pack cannot tell its "
+                            f"self- from its cross-attention calls, so apply_to={apply_to} passes them all on")
+            return False
+        return (apply_to == "self-attention") == is_self_attention
 
     # ---- the attention itself ----
-    def run(self, call: ComfyAttentionCall, is_self_attention: bool, model_call: Optional[ModelCall], layouts):
+    def run(self, call: ComfyAttentionCall, is_self_attention: Optional[bool], model_call: Optional[ModelCall],
+            layouts: "CallLayouts"):
         """Our attention for one served call, in the caller's layout; None when the pack cannot serve it."""
         settings = self.settings
         masks = [call.mask] if call.mask is not None else []
         if settings.mask is not None and is_self_attention:
-            region = self._region(call, model_call, *layouts)
+            region = self._region(call, model_call, layouts)
             if region is not None:
                 masks.append(region)
         heads = settings.heads or call.heads
@@ -269,12 +325,14 @@ class AttentionPatch:
         try:
             prepared = prepare_call(q, k, v, heads, masks or None, layernorm=settings.layernorm, scale=call.scale,
                                     skip_reshape=call.skip_reshape and not regroup, enable_gqa=call.enable_gqa,
-                                    layout=layouts[1] if is_self_attention else None, options=settings.options)
+                                    layout=layouts.key if is_self_attention else None, options=settings.options)
         except ValueError as error:
             self._log_once(("unreadable", str(error)), f"{NODE_NAME}: cannot serve a call ({error}); such calls are "
                            "passed on unchanged")
             return None
-        name = self._backend_for(call, prepared)
+        name = self._backend_for(call, prepared, self._unverified(is_self_attention, layouts))
+        if model_call is not None:
+            model_call.count(BACKENDS[name].exact)
         skip_output_reshape = call.skip_output_reshape and not regroup
         if not BACKENDS[name].exact:
             out = self._approximation(call, prepared, name, model_call, skip_output_reshape)
@@ -288,7 +346,7 @@ class AttentionPatch:
     def _approximation(self, call: ComfyAttentionCall, prepared, name: str, model_call: Optional[ModelCall],
                        skip_output_reshape: bool) -> torch.Tensor:
         """An approximate backend's output, blended by strength and kept only where the quality guard allows."""
-        guard, strength = self.guard, self.settings.strength
+        guard, strength = self.guard_for(model_call.device if model_call else str(call.q.device)), self.settings.strength
 
         def exact():
             return run_call(prepared, select_backend(prepared), skip_output_reshape)
@@ -304,11 +362,28 @@ class AttentionPatch:
         key = (model_call.next_served_call(), call.query_tokens, call.key_tokens)
         return guard.attend(key, call.query_tokens, exact, approximate)
 
-    def _backend_for(self, call: ComfyAttentionCall, prepared) -> str:
-        """The chosen backend where it may and can serve the call; else the fastest exact one (auto)."""
+    def _unverified(self, is_self_attention: Optional[bool], layouts: "CallLayouts") -> Optional[str]:
+        """Why no approximation may serve this call, or None.
+
+        Not on a model the pack does not know, nor on a call whose tokens do not add up to the layout its family
+        has: what the model does there is not what the pack knows. (Backends that pool the image grid also refuse
+        every call without a placed grid, e.g. text-only calls: those run exact too.)"""
+        if not self.family.known:
+            return f"{self.family.recognised_as}, whose token layout this pack cannot verify"
+        if is_self_attention and layouts.problem:
+            return f"{self.family.name} where {layouts.problem}"
+        return None
+
+    def _backend_for(self, call: ComfyAttentionCall, prepared, unverified: Optional[str] = None) -> str:
+        """The chosen backend where it may and can serve the call; else the fastest exact one (auto).
+
+        ``unverified``: why an approximation may not serve this call (see _unverified)."""
         settings = self.settings
         chosen = settings.backend
         if chosen != "auto" and call.query_tokens < settings.min_tokens:
+            chosen = "auto"
+        if chosen != "auto" and not BACKENDS[chosen].exact and unverified is not None:
+            self._warn_once(("unverified", unverified), f"{NODE_NAME}: {chosen} runs exact on calls of {unverified}")
             chosen = "auto"
         if chosen != "auto" and not BACKENDS[chosen].exact and not call.low_precision_allowed:
             self._log_once("full-precision", f"{NODE_NAME}: calls that ask for full-precision attention "
@@ -325,9 +400,10 @@ class AttentionPatch:
         self._log_once(("auto", name), f"{NODE_NAME}: exact calls run on backend {name} (auto)")
         return name
 
-    def _region(self, call: ComfyAttentionCall, model_call: Optional[ModelCall], query_layout: Optional[TokenLayout],
-                key_layout: Optional[TokenLayout]) -> Optional[RegionMask]:
+    def _region(self, call: ComfyAttentionCall, model_call: Optional[ModelCall],
+                layouts: "CallLayouts") -> Optional[RegionMask]:
         family = self.family
+        query_layout, key_layout = layouts.query, layouts.key
         if family.mask_unsupported:
             return None  # said once when the node ran (patch_model)
         if model_call is None:
@@ -339,12 +415,12 @@ class AttentionPatch:
                             f"{family.name}: {model_call.unplaceable}")
             return None
         n, m = call.query_tokens, call.key_tokens
-        if key_layout is None and self._without_image_tokens(call, model_call):
+        if key_layout is None and not layouts.problem and self._without_image_tokens(call, model_call):
             return None  # text-only self-attention (refiners) or temporal attention: no image grid to mask
         if key_layout is None:
-            self._warn_once(("layout", n, m), f"{NODE_NAME}: cannot place the {m} key tokens of a {family.name} "
-                            f"attention call on the latent {model_call.latent_shape}; the mask is not applied to "
-                            "such calls")
+            why = layouts.problem or f"its {m} key tokens do not fit the latent {model_call.latent_shape}"
+            self._warn_once(("layout", n, m), f"{NODE_NAME}: the mask is not applied to such {family.name} attention "
+                            f"calls: {why}")
             return None
         if query_layout is None and self.settings.mask_mode == QUERY_PLACES_NEEDED:
             self._warn_once(("query-places", n), f"{NODE_NAME}: {n} of {m} query tokens in a self-attention call "
@@ -513,12 +589,12 @@ def patch_model(model, settings: PatchSettings):
             attention_patch.model_function_wrapper(patched.model_options.get("model_function_wrapper")))
     if settings.mask is not None and family.mask_unsupported:
         logger.warning("%s: the mask is not applied to %s: %s", NODE_NAME, family.name, family.mask_unsupported)
-    if not family.cross_attention and settings.apply_to == "cross-attention":
+    if family.known and not family.cross_attention and settings.apply_to == "cross-attention":
         logger.warning("%s: %s attends to its text inside self-attention (joint attention, or text appended to the "
                        "keys) and has no separate cross-attention; apply_to=cross-attention patches nothing",
                        NODE_NAME, family.name)
-    logger.info("%s: patched %s via %s; backend=%s (min_tokens=%d, other calls auto), heads=%s, layernorm=%s, "
-                "apply_to=%s, strength=%.2f, sigma window [%.4g, %.4g], mask=%s", NODE_NAME, family.name, mechanism,
+    logger.info("%s: patched %s (%s) via %s; backend=%s (min_tokens=%d, other calls auto), heads=%s, layernorm=%s, "
+                "apply_to=%s, strength=%.2f, sigma window [%.4g, %.4g], mask=%s", NODE_NAME, family.name, family.recognised_as, mechanism,
                 settings.backend, settings.min_tokens, settings.heads or "model's", settings.layernorm,
                 settings.apply_to, settings.strength, settings.sigma_end, settings.sigma_start,
                 "none" if settings.mask is None else f"{tuple(settings.mask.shape)} {settings.mask_mode}")

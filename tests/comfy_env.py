@@ -7,6 +7,7 @@ pytest process sees one ComfyUI; run the suite once per ComfyUI.
 from __future__ import annotations
 
 import copy
+import importlib.abc
 import importlib.util
 import math
 import os
@@ -64,6 +65,65 @@ def make_torchvision_importable():
     import torchvision  # noqa: F401,F811
 
 
+class _TorchaudioStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``torchaudio`` and its submodules as stand-ins whose every attribute is a callable that raises."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchaudio" or fullname.startswith("torchaudio."):
+            return importlib.util.spec_from_loader(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+        def missing(name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _MissingAudio(f"{module.__name__}.{name}")
+
+        module.__getattr__ = missing
+
+
+class _MissingAudio:
+    """What the torchaudio stand-in hands out: calling it, or anything on it, fails loudly."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def _fail(self, *args, **kwargs):
+        raise RuntimeError(f"{self._name}: torchaudio is not installed (the tests' stand-in, see "
+                           "tests/comfy_env.py: provide_torchaudio_stand_in); no test may use audio")
+
+    __call__ = _fail
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _MissingAudio(f"{self._name}.{name}")
+
+
+def provide_torchaudio_stand_in():
+    """Let ComfyUI 0.33 import without torchaudio (PyPI has none for the CPU torch 2.13 of the tests).
+
+    ComfyUI 0.33 imports torchaudio unconditionally (comfy/sd.py -> comfy/ldm/lightricks/vae/audio_vae.py) but
+    uses it only in audio models and nodes. Where the real package does not import, a stand-in is put on the import
+    path, visibly (a message on stderr): importing it works, calling anything from it raises."""
+    if any(isinstance(finder, _TorchaudioStandIn) for finder in sys.meta_path):
+        return
+    try:
+        import torchaudio  # noqa: F401
+        return
+    except Exception:
+        for name in [m for m in sys.modules if m == "torchaudio" or m.startswith("torchaudio.")]:
+            del sys.modules[name]
+    sys.meta_path.insert(0, _TorchaudioStandIn())
+    print("tests/comfy_env.py: torchaudio is not installed; ComfyUI imports a stand-in that raises if called",
+          file=sys.stderr)
+
+
 def load_comfy():
     """Put ComfyUI on sys.path in CPU mode and return its modules (skips the test without ComfyUI)."""
     if ROOT is None:
@@ -71,6 +131,7 @@ def load_comfy():
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     make_torchvision_importable()
+    provide_torchaudio_stand_in()
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True

@@ -58,9 +58,33 @@ def _comfy():
     return comfy_env.load_comfy()
 
 
+# Fields that newer ComfyUI requires in a family's parameter dataclass, with the values that keep the 0.3.64 behaviour;
+# given only where the loaded ComfyUI's dataclass has them (0.3.64 rejects them).
+NEWER_REQUIRED_FIELDS = {
+    "flux": ("comfy.ldm.flux.model", "FluxParams", dict(txt_ids_dims=[])),
+    "chroma": ("comfy.ldm.chroma.model", "ChromaParams", dict(txt_ids_dims=[], vec_in_dim=None)),
+    "chroma_radiance": ("comfy.ldm.chroma_radiance.model", "ChromaRadianceParams",
+                        dict(txt_ids_dims=[], vec_in_dim=None, use_x0=False, use_sequential_txt_ids=False)),
+    "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams",
+                      dict(use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)),
+}
+
+
+def fit_to_comfyui(unet_config: dict) -> dict:
+    """A test config with the fields the loaded ComfyUI requires and 0.3.64 does not know (see NEWER_REQUIRED_FIELDS)."""
+    import importlib
+
+    config = dict(unet_config)
+    module_name, class_name, fields = NEWER_REQUIRED_FIELDS.get(config.get("image_model"), (None, None, {}))
+    if module_name:
+        known = getattr(importlib.import_module(module_name), class_name).__dataclass_fields__
+        config.update({name: value for name, value in fields.items() if name in known and name not in config})
+    return config
+
+
 def _config(config_name: str, unet_config: dict):
     comfy = _comfy()
-    config = getattr(comfy.supported_models, config_name)(dict(unet_config))
+    config = getattr(comfy.supported_models, config_name)(fit_to_comfyui(unet_config))
     config.set_inference_dtype(torch.float32, None)  # what comfy.sd does when it loads a checkpoint
     return config
 

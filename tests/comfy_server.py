@@ -36,6 +36,7 @@ import os, runpy, sys
 sys.path.insert(0, {tests!r})
 import comfy_env
 comfy_env.make_torchvision_importable()
+comfy_env.provide_torchaudio_stand_in()
 sys.path.insert(0, {root!r})
 sys.argv = [os.path.join({root!r}, "main.py")] + sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -198,7 +198,7 @@ def test_patching_logs_mechanism_and_backend(model, inputs, caplog):
     with caplog.at_level(logging.INFO, logger="efficient_attention_pop"):
         comfy_env.run_unet(patched(model, backend="linear", min_tokens=200), *inputs)
     text = caplog.text
-    assert "patched SD15 via" in text and "backend=linear" in text
+    assert "patched SD15 (UNetModel) via" in text and "backend=linear" in text
     assert "running backend linear" in text and "exact calls run on backend sdpa (auto)" in text
 
 

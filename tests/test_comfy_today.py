@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import comfy_env
+import comfy_families
 from efficient_attention_pop.attention import RegionMask, attention
 from efficient_attention_pop.nodes import patch as patch_module
 from efficient_attention_pop.nodes.efficient_attention import apply_efficient_attention
@@ -32,7 +33,7 @@ def comfy():
 
 @pytest.fixture()
 def flux(comfy):
-    config = comfy.supported_models.Flux(dict(FLUX))
+    config = comfy.supported_models.Flux(comfy_families.fit_to_comfyui(FLUX))
     model = comfy.model_base.Flux(config, device=torch.device("cpu"))
     comfy_env.init_weights(model.diffusion_model, seed=3)
     model.eval()
