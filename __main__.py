@@ -25,11 +25,20 @@ def info(_args) -> int:
     device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu only (no CUDA device)"
     print(f"python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}")
     print(f"device: {device}; CPU threads: {torch.get_num_threads()}")
-    print(f"auto tries, in order: {', '.join(AUTO_PRIORITY)}")
-    for name, reason in availability().items():
+    print(f"auto tries, in order: {', '.join(AUTO_PRIORITY)} (exact backends only)")
+    reasons = availability()
+    offered = [name for name, backend in BACKENDS.items() if backend.not_in_node is None and reasons[name] is None]
+    print(f"the ComfyUI node offers here: auto, {', '.join(offered)}")
+    for name, reason in reasons.items():
         backend = BACKENDS[name]
-        state = "available" if reason is None else f"not available: {reason}"
-        print(f"  {name:14s} {state}\n  {'':14s} {backend.description}")
+        state = "available here" if reason is None else f"not available here: {reason}"
+        if backend.not_in_node:
+            node = f"library only, not in the node: {backend.not_in_node}"
+        elif reason is None:
+            node = "in the node"
+        else:
+            node = "in the node where it is available"
+        print(f"  {name:14s} {state}; {node}\n  {'':14s} {backend.description}")
     return 0
 
 
@@ -63,8 +72,9 @@ def bench(args) -> int:
     for name in names:
         print(f"{name}: {PRESETS[name].describe()}")
     print(format_table(rows, args.device))
-    print(f"ratio = median time / median time of torch SDPA on the same inputs and mask, measured interleaved "
-          f"in this run; total {time.perf_counter() - started:.1f} s")
+    print(f"speedup = torch SDPA's median time / the backend's median time on the same inputs and mask (higher is "
+          f"faster; 1 = as fast as torch SDPA), rounds interleaved in this run; total "
+          f"{time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -102,11 +112,11 @@ def quality(args) -> int:
     rows, notes = run(model, sizes, setup, args.backends, args.max_errors or ())
     print(format_table(rows))
     for note in notes:
-        print(f"note: {note}")
-    print(f"speedup = exact time / backend time of one guided denoiser call at t=0.5, attention calls and whole "
-          f"denoiser, median of {setup.repeats} interleaved rounds; PSNR/SSIM: final images vs the exact images "
-          f"from the same noise; attn cosine / rel L2: mean over layers along the exact trajectory; total "
-          f"{time.perf_counter() - started:.1f} s")
+        print(note if note.startswith("warning:") else f"note: {note}")
+    print(f"speedup = exact time / backend time of one guided denoiser call at t=0.5 (higher is faster), attention "
+          f"calls and whole denoiser: the median of {setup.repeats} interleaved rounds' ratios, (rounds) the lowest "
+          f"and highest; PSNR/SSIM: final images vs the exact images from the same noise; attn cosine / rel L2: mean "
+          f"over layers along the exact trajectory; total {time.perf_counter() - started:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows_as_json(rows), f, indent=1)
@@ -123,36 +133,68 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="efficient-attention-pop",
                                      description="Efficient Attention (PoP): benchmark and environment report")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench_parser = sub.add_parser("bench", help="time every available backend on diffusion-shaped attention")
-    bench_parser.add_argument("--preset", dest="presets", action="append",
-                              help="workload preset (repeatable); default: all, or the quick set with --quick")
-    bench_parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    bench_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    bench_parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 5, 3 quick)")
-    bench_parser.add_argument("--backend", dest="backends", action="append",
-                              help="backend to compare with torch SDPA (repeatable); default: every available one "
-                                   "plus ComfyUI-style naive attention as a memory reference")
+    from .benchmark.speed import PRESETS, QUICK_PRESETS
+
+    presets = "\n".join(f"  {name:20s} {workload.describe()}" + (" (quick)" if name in QUICK_PRESETS else "")
+                         for name, workload in PRESETS.items())
+    bench_parser = sub.add_parser(
+        "bench", help="time every available backend on diffusion-shaped attention, beside torch SDPA",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time every available backend beside torch SDPA on attention shaped like diffusion models' "
+                    "(rounds interleaved, so each comparison runs under the same machine load), with its peak "
+                    "memory and its error against exact attention. speedup = torch SDPA's median time / the "
+                    "backend's median time (higher is faster).",
+        epilog=f"presets (B batch, N queries, M keys, H heads, D head width):\n{presets}")
+    bench_parser.add_argument("--preset", dest="presets", action="append", metavar="NAME", choices=list(PRESETS),
+                              help="workload preset (repeatable; listed below); default: all, or the quick ones with "
+                                   "--quick")
+    bench_parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                              help="dtype of q, k and v (default fp32); errors are always against exact fp32 "
+                                   "attention")
+    bench_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                              help="torch device to run on, e.g. cpu, cuda, cuda:1 (default: cuda where torch sees "
+                                   "one, else cpu); on CUDA the table adds throughput (TFLOP/s or GB/s)")
+    bench_parser.add_argument("--repeats", type=int, default=None, metavar="N",
+                              help="timed rounds per workload, after one warm-up call (default 5, 3 with --quick)")
+    bench_parser.add_argument("--backend", dest="backends", action="append", metavar="NAME",
+                              help="backend to compare with torch SDPA (repeatable; `info` lists them); default: "
+                                   "every available one plus ComfyUI-style naive attention as a memory reference")
     bench_parser.add_argument("--mask", choices=["both", "none", "mask"], default="both",
-                              help="run each workload without a mask, with one, or both")
-    bench_parser.add_argument("--quick", action="store_true", help="SD1.5 512px presets only; under a minute on 2 cores")
+                              help="run each workload without a mask, with one (self-attention: two regions kept "
+                                   "apart; cross-attention: padded text), or both (default)")
+    bench_parser.add_argument("--quick", action="store_true",
+                              help=f"presets {' and '.join(QUICK_PRESETS)} only, 3 rounds: under a minute on 2 CPU "
+                                   f"cores")
     bench_parser.set_defaults(func=bench)
     quality_parser = sub.add_parser(
-        "quality", help="how far each backend moves the images of a trained model, beside its speed")
+        "quality", help="how far each backend moves the images of a trained model, beside its speed",
+        description="Sample images with the trained proxy model (benchmark/proxy) with exact attention and with "
+                    "every backend and option set, and report PSNR and SSIM against the exact images, the "
+                    "per-layer attention error, and the speedup of attention and of the whole denoiser (exact time "
+                    "/ backend time, higher is faster; median of interleaved rounds with their lowest and "
+                    "highest, and a warning when the exact backend's own ratio strays from 1 by more than that "
+                    "noise). Or, with --comfyui-model, measure the attention error on a model file of your own.")
     quality_parser.add_argument("--quick", action="store_true",
-                                help="2 images, 8 steps, 32 and 64 px, one timing round (under 3 min on 2 cores)")
-    quality_parser.add_argument("--size", dest="sizes", type=int, action="append",
+                                help="2 images, 8 steps, 32 and 64 px, 5 timing rounds: about 1 minute on 2 idle CPU "
+                                     "cores, under 3 minutes on a busy machine")
+    quality_parser.add_argument("--size", dest="sizes", type=int, action="append", metavar="PX",
                                 help="image size in pixels (repeatable); default 32, 64 and 128 (1x, 4x, 16x the "
-                                     "training token count)")
-    quality_parser.add_argument("--backend", dest="backends", action="append",
-                                help="measure only this backend (repeatable); default every backend")
-    quality_parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 3, 1 quick)")
-    quality_parser.add_argument("--steps", type=int, default=None,
+                                     "training token count); with --comfyui-model default 512")
+    quality_parser.add_argument("--backend", dest="backends", action="append", metavar="NAME",
+                                help="measure only this backend (repeatable; `info` lists them); default every "
+                                     "backend")
+    quality_parser.add_argument("--repeats", type=int, default=None, metavar="N",
+                                help="timing rounds after one warm-up round (default 3, 5 with --quick)")
+    quality_parser.add_argument("--steps", type=int, default=None, metavar="N",
                                 help="sampling steps (default 12, 8 quick; 4 with --comfyui-model)")
-    quality_parser.add_argument("--max-error", dest="max_errors", type=float, action="append",
+    quality_parser.add_argument("--max-error", dest="max_errors", type=float, action="append", metavar="BOUND",
                                 help="also measure every approximate backend under the node's quality guard with this "
                                      "bound (repeatable)")
-    quality_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    quality_parser.add_argument("--json", help="also write the rows to this file, one JSON object per row")
+    quality_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                                help="torch device for the model, e.g. cpu, cuda (default: cuda where torch sees one, "
+                                     "else cpu)")
+    quality_parser.add_argument("--json", metavar="FILE",
+                                help="also write the rows to FILE, one JSON object per row")
     quality_parser.add_argument("--comfyui-model", metavar="FILE",
                                 help="measure a diffusion model file of your own instead, loaded by ComfyUI "
                                      "(needs ComfyUI importable: run inside ComfyUI's Python or set COMFYUI_PATH)")
@@ -164,7 +206,8 @@ def main(argv=None) -> int:
                            "Markdown report (--device cpu checks it without a GPU)")
     gpu_report_arguments(report_parser, "cuda" if torch.cuda.is_available() else "cpu")
     report_parser.set_defaults(func=gpu_report)
-    info_parser = sub.add_parser("info", help="versions, device, and which backends are available here")
+    info_parser = sub.add_parser("info", help="versions, device, which backends are available here and which the "
+                                              "ComfyUI node offers, and why not")
     info_parser.set_defaults(func=info)
     args = parser.parse_args(argv)
     args.argv = ["python -m efficient_attention_pop"] + list(sys.argv[1:] if argv is None else argv)

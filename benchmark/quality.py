@@ -9,8 +9,12 @@ has (``Backend.benchmark_options``), and reports:
   float noise floor);
 - the mean, over layers, of the attention output's cosine similarity and relative L2 error against exact
   attention, on the same q, k, v along the exact trajectory (every step, every layer);
-- attention time and whole-denoiser time, as exact / backend, from one denoiser call at t = 0.5, timed
-  interleaved with the exact model in the same run (median of the rounds).
+- attention time and whole-denoiser time as a speedup, exact time / backend time (higher is faster), from one
+  denoiser call at t = 0.5: every round times the exact model and every variant one after another (the order
+  rotating), each round gives one ratio per variant, and a row reports the median ratio and the lowest and
+  highest. ``sdpa`` computes what the reference computes, so its ratio should be 1 within that spread: where
+  it is not, a note says that the timings of that size are not to be trusted (the machine's load changed
+  during the run).
 
 The proxy is a small model trained on a few photographs: it ranks methods and shows the size of their
 errors; it is not FID on SDXL. ``quality --comfyui-model`` measures a user's own model (comfy_quality.py).
@@ -81,8 +85,11 @@ class QualityRow:
     max_error: float
     image_size: int
     tokens: int
-    attention_speedup: float
+    attention_speedup: float  # exact time / backend time: median of the rounds' ratios, higher is faster
     denoiser_speedup: float
+    attention_speedup_range: Tuple[float, float]  # the lowest and highest ratio of the rounds
+    denoiser_speedup_range: Tuple[float, float]
+    rounds: int
     psnr_db: float
     ssim: float
     attn_cosine: float
@@ -100,7 +107,7 @@ class QualitySetup:
     repeats: int = 3
 
 
-QUICK = QualitySetup(classes=(1, 8), steps=8, repeats=1)
+QUICK = QualitySetup(classes=(1, 8), steps=8, repeats=5)  # rounds are cheap at 32 and 64 px
 DEFAULT_SIZES = (32, 64, 128)  # 1x, 4x and 16x the training token count (256 image tokens at 32 px)
 QUICK_SIZES = (32, 64)
 
@@ -172,9 +179,10 @@ def exact_trajectory(model, setup: QualitySetup, size: int, measured: List[Varia
 
 
 def time_denoiser(model, setup: QualitySetup, size: int, measured: List[Variant], progress=None
-                  ) -> Dict[str, Tuple[float, float]]:
-    """label -> (median attention seconds, median denoiser seconds) of one guided denoiser call at t = 0.5,
-    rounds interleaved across the exact model and every variant (one warm-up call each first)."""
+                  ) -> Dict[str, List[Tuple[float, float]]]:
+    """label -> [(attention seconds, denoiser seconds) of one guided denoiser call at t = 0.5, per round]:
+    rounds interleaved across the exact model (label EXACT) and every variant, the order rotating from round to
+    round; one warm-up round first, not kept."""
     parameter = next(model.parameters())
     device = parameter.device
     batch = 2 * len(setup.classes) if setup.guidance != 1.0 else len(setup.classes)
@@ -210,8 +218,67 @@ def time_denoiser(model, setup: QualitySetup, size: int, measured: List[Variant]
                 _sync(device)
                 if round_index:  # round 0 warms up
                     times[label].append((spent[0], time.perf_counter() - start))
-    return {label: (statistics.median(a for a, _ in rounds), statistics.median(d for _, d in rounds))
-            for label, rounds in times.items()}
+    return times
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """Exact time / backend time over interleaved rounds: the median of the rounds' ratios, lowest, highest."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+    @classmethod
+    def of_rounds(cls, exact: Sequence[float], backend: Sequence[float]) -> "Speedup":
+        ratios = [e / b for e, b in zip(exact, backend)]
+        return cls(statistics.median(ratios), min(ratios), max(ratios), len(ratios))
+
+    @property
+    def noise(self) -> float:
+        """Half the spread of the rounds, relative to the median (0 with one round)."""
+        return (self.high - self.low) / 2 / self.median
+
+
+def speedups(timings: Dict[str, List[Tuple[float, float]]], label: str) -> Tuple[Speedup, Speedup]:
+    """(attention, denoiser) speedup of ``label`` against EXACT, round by round."""
+    exact, rounds = timings[EXACT], timings[label]
+    return (Speedup.of_rounds([a for a, _ in exact], [a for a, _ in rounds]),
+            Speedup.of_rounds([d for _, d in exact], [d for _, d in rounds]))
+
+
+NOISY = 0.25  # rounds spreading by more than +-25% (median over the rows): the speed columns say little
+
+
+def timing_warnings(size: int, measured: Dict[str, Tuple[Speedup, Speedup]]) -> List[str]:
+    """Warnings on the timings of one size: ``sdpa`` runs what EXACT runs, so its speedup should be 1; when it
+    strays from 1 by more than the noise measured (its own spread, and at least the median spread of the rows
+    of this size) the load on the machine changed during the run and the speed columns of that size mislead; when
+    the rounds spread by more than NOISY, they say little either way."""
+    if "sdpa" not in measured:
+        return []
+    rounds = measured["sdpa"][0].rounds
+    if rounds < 2:
+        return [f"warning: {size} px: one timing round, so no spread was measured and nothing checks the speed "
+                f"columns; use --repeats 3 or more"]
+    warnings = []
+    for index, what in enumerate(("attention", "denoiser")):
+        own = measured["sdpa"][index]
+        typical = statistics.median(pair[index].noise for pair in measured.values())
+        noise = max(own.noise, typical)
+        if typical > NOISY:
+            warnings.append(
+                f"warning: {size} px: the {what} timing rounds spread by +-{typical:.0%} (median over the rows; sdpa, "
+                f"which should measure 1, ranged {own.low:.2f} to {own.high:.2f}), so this size's {what} speedups "
+                f"say little: the machine is busy; rerun on an idle machine or with more --repeats")
+        elif abs(own.median - 1) > noise:
+            warnings.append(
+                f"warning: {size} px: sdpa, the same computation as the exact reference, measured {what} speedup "
+                f"{own.median:.2f} (rounds {own.low:.2f} to {own.high:.2f}), off 1 by more than the timing noise "
+                f"measured (+-{noise:.0%}): the machine's load changed during the run, so this size's speed "
+                f"columns are not to be trusted; rerun on an idle machine or with more --repeats")
+    return warnings
 
 
 def serves_proxy(model, variant: Variant, size: int) -> List[str]:
@@ -246,17 +313,19 @@ def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Seq
         exact_images, errors = exact_trajectory(model, setup, size, measured)
         report("timing")
         timings = time_denoiser(model, setup, size, measured, report)
-        exact_attention, exact_denoiser = timings[EXACT]
+        measured_speedups = {variant.label: speedups(timings, variant.label) for variant in measured}
+        notes.extend(timing_warnings(size, measured_speedups))
         tokens = model.config.cond_tokens + (size // model.config.patch) ** 2
         for variant in measured:
             report(f"sampling with {variant.label}")
             images = sample(model, setup, size, variant.attention_fn())
-            attention_seconds, denoiser_seconds = timings[variant.label]
+            attention_speedup, denoiser_speedup = measured_speedups[variant.label]
             mean_cosine, mean_rel_l2 = errors.mean(variant.label)
             rows.append(QualityRow(
                 variant.backend, dict(variant.options), BACKENDS[variant.backend].exact, variant.max_error, size, tokens,
-                exact_attention / attention_seconds, exact_denoiser / denoiser_seconds,
-                float(psnr_db(images, exact_images).mean()), float(ssim(images, exact_images).mean()),
+                attention_speedup.median, denoiser_speedup.median,
+                (attention_speedup.low, attention_speedup.high), (denoiser_speedup.low, denoiser_speedup.high),
+                attention_speedup.rounds, float(psnr_db(images, exact_images).mean()), float(ssim(images, exact_images).mean()),
                 mean_cosine, mean_rel_l2))
     _progress(progress, None, started)
     return rows, notes
@@ -277,13 +346,15 @@ def _progress(stream, line: Optional[str], started: float) -> None:
 
 
 def format_table(rows: List[QualityRow]) -> str:
-    header = ["backend", "options", "px", "tokens", "attn speedup", "denoiser speedup", "PSNR dB", "SSIM",
-              "attn cosine", "attn rel L2"]
+    header = ["backend", "options", "px", "tokens", "attn speedup", "(rounds)", "denoiser speedup", "(rounds)",
+              "PSNR dB", "SSIM", "attn cosine", "attn rel L2"]
     return markdown_table(header, [[
         row.backend + ("" if not row.exact else " (exact)"),
         " ".join([f"{k}={v}" for k, v in row.options.items()] + [f"max_error={row.max_error:g}"] * bool(row.max_error))
         or "-", str(row.image_size), str(row.tokens),
-        f"{row.attention_speedup:.2f}", f"{row.denoiser_speedup:.2f}", f"{row.psnr_db:.2f}", f"{row.ssim:.4f}",
+        f"{row.attention_speedup:.2f}", "{:.2f}-{:.2f}".format(*row.attention_speedup_range),
+        f"{row.denoiser_speedup:.2f}", "{:.2f}-{:.2f}".format(*row.denoiser_speedup_range),
+        f"{row.psnr_db:.2f}", f"{row.ssim:.4f}",
         f"{row.attn_cosine:.4f}", f"{row.attn_rel_l2:.4f}"] for row in rows])
 
 

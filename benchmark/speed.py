@@ -1,9 +1,9 @@
 """Benchmark: every available backend on diffusion-shaped attention, side by side with torch SDPA.
 
-For each workload the backends run interleaved (one call each per round, in rotating order), so the
-ratio to torch SDPA is measured under the same machine load. Columns: median ms, ratio to torch SDPA
-given the same inputs and mask, peak memory above the inputs, max abs error and cosine similarity
-against exact attention (torch SDPA in fp32).
+For each workload the backends run interleaved (one call each per round, in rotating order), so each is
+compared with torch SDPA under the same machine load. Columns: median ms; speedup = torch SDPA's median time /
+the backend's median time on the same inputs and mask (higher is faster, 1 = as fast as torch SDPA); peak
+memory above the inputs; max abs error and cosine similarity against exact attention (torch SDPA in fp32).
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ class Row:
     variant: str
     backend: str
     median_ms: float
-    ratio: float
+    speedup: float  # torch SDPA's median time / this row's median time: higher is faster
     peak_mib: float
     max_abs_err: float
     cosine: float
@@ -276,7 +276,7 @@ def run(workloads: List[Workload], dtype=torch.float32, device="cpu", repeats: i
         baseline = statistics.median(times["torch SDPA"])
         for label in labels:
             median = statistics.median(times[label])
-            rows.append(Row(workload.name, variant, label, median * 1e3, median / baseline, peaks[label],
+            rows.append(Row(workload.name, variant, label, median * 1e3, baseline / median, peaks[label],
                             errors[label][0], errors[label][1],
                             _throughput(label, workload, dtype, median, allowed_fraction)))
         del q, k, v, region, dense, exact, candidates
@@ -299,13 +299,13 @@ def _progress(stream, index, total, workload, variant, what):
 
 
 def format_table(rows: List[Row], device: str) -> str:
-    header = ["workload", "mask", "backend", "median ms", "x torch SDPA", "peak MiB", "max abs err", "cosine"]
+    header = ["workload", "mask", "backend", "median ms", "speedup", "peak MiB", "max abs err", "cosine"]
     show_throughput = device.startswith("cuda")
     if show_throughput:
         header.append("throughput")
     lines = []
     for r in rows:
-        line = [r.workload, r.variant, r.backend, f"{r.median_ms:.2f}", f"{r.ratio:.3f}", f"{r.peak_mib:.1f}",
+        line = [r.workload, r.variant, r.backend, f"{r.median_ms:.2f}", f"{r.speedup:.3f}", f"{r.peak_mib:.1f}",
                 f"{r.max_abs_err:.2e}", f"{r.cosine:.5f}"]
         if show_throughput:
             line.append(r.throughput)

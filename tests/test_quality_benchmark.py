@@ -18,6 +18,7 @@ from efficient_attention_pop.benchmark import quality  # noqa: E402
 from efficient_attention_pop.benchmark.proxy import load_proxy_model  # noqa: E402
 
 KEYS = {"backend": str, "options": dict, "tokens": int, "attention_speedup": float, "denoiser_speedup": float,
+        "attention_speedup_range": list, "denoiser_speedup_range": list, "rounds": int,
         "psnr_db": float, "ssim": float, "attn_cosine": float, "attn_rel_l2": float}
 # (backend, options, pixels) -> (PSNR dB, attention cosine) measured by `quality --quick` (CPU, fp32); a row must
 # stay within PSNR_BAND dB and COSINE_BAND of them. Remeasure (and say why) when a backend changes on purpose.
@@ -74,6 +75,16 @@ def test_quick_rows_have_every_key(quick_rows):
     for row in quick_rows:
         for key, kind in KEYS.items():
             assert isinstance(row[key], kind), (key, row)
+
+
+def test_speedups_are_medians_of_interleaved_rounds_with_their_spread(quick_rows):
+    """speedup = exact time / backend time (higher is faster), the median of --quick's 5 rounds, with the lowest
+    and highest round beside it."""
+    for row in quick_rows:
+        assert row["rounds"] == quality.QUICK.repeats == 5
+        for kind in ("attention", "denoiser"):
+            low, high = row[f"{kind}_speedup_range"]
+            assert 0 < low <= row[f"{kind}_speedup"] <= high, (kind, row)
 
 
 def test_every_backend_gets_its_rows(quick_rows):

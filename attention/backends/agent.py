@@ -66,7 +66,7 @@ class AgentBackend(Backend):
                    "layout and self-attention")
     option_defaults = {"agents": 256}
     not_in_node = ("on the quality benchmark's trained model its images fall short of window's at the same speed "
-                   "(README, quality table), so it stays in the library")
+                   "(docs/quality.md), so it stays in the library")
     benchmark_options = ({"agents": 64}, {"agents": 256}, {"agents": 1024})
 
     def not_supported_reasons(self, call: AttentionCall):
