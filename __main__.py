@@ -176,7 +176,7 @@ def main(argv=None) -> int:
                     "noise). Or, with --comfyui-model, measure the attention error on a model file of your own.")
     quality_parser.add_argument("--quick", action="store_true",
                                 help="2 images, 8 steps, 32 and 64 px, 5 timing rounds: about 1 minute on 2 idle CPU "
-                                     "cores, under 3 minutes on a busy machine")
+                                     "cores, up to 10 minutes when other jobs share them")
     quality_parser.add_argument("--size", dest="sizes", type=int, action="append", metavar="PX",
                                 help="image size in pixels (repeatable); default 32, 64 and 128 (1x, 4x, 16x the "
                                      "training token count); with --comfyui-model default 512")
