@@ -163,8 +163,8 @@ def main(argv=None) -> int:
                               help="run each workload without a mask, with one (self-attention: two regions kept "
                                    "apart; cross-attention: padded text), or both (default)")
     bench_parser.add_argument("--quick", action="store_true",
-                              help=f"presets {' and '.join(QUICK_PRESETS)} only, 3 rounds: under a minute on 2 CPU "
-                                   f"cores")
+                              help=f"presets {' and '.join(QUICK_PRESETS)} only, 3 rounds: under a minute on 2 idle "
+                                   f"CPU cores, about 2 minutes when other jobs share them")
     bench_parser.set_defaults(func=bench)
     quality_parser = sub.add_parser(
         "quality", help="how far each backend moves the images of a trained model, beside its speed",
