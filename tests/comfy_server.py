@@ -4,11 +4,20 @@ temporary custom_nodes folder, and tiny SD1.5 weights the tests write themselves
 The weights are ComfyUI's own SD1.5 classes at small depth (one UNet level of 320 channels, so ComfyUI's model
 detection still says SD15) and a CLIP-L text encoder, all with seeded random values: 52 MB + 247 MB in fp16,
 written once per test session. Outputs are latents (SaveLatent), so no VAE is needed.
+
+The frontend: each ComfyUI pins its own comfyui-frontend-package in requirements.txt (0.3.64: 1.27.10, the one the
+`test` extra installs; 0.33.0: 1.49.6). One virtualenv holds one version of that package, so where the installed
+one is not the pin, ``pinned_frontend`` installs the pinned wheel from PyPI (`pip install --no-deps --target`) into a
+cache folder and the server is started with ``--front-end-root <folder>/comfyui_frontend_package/static`` (an
+option of ComfyUI since 0.3.x, 0.3.64 and 0.33.0 included). The log line "ComfyUI frontend: ..." says which.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -90,6 +99,52 @@ def txt2latent_workflow(attention: Optional[dict] = None, seed: int = 0, prefix:
     return workflow
 
 
+FRONTEND_PACKAGE = "comfyui-frontend-package"
+FRONTEND_CACHE_ENV = "EFFICIENT_ATTENTION_POP_FRONTEND_CACHE"  # a fixed folder for the pinned frontends, if set
+
+
+def pinned_frontend_version(root: Optional[str] = None) -> Optional[str]:
+    """The comfyui-frontend-package version the ComfyUI at ``root`` pins in its requirements.txt (None: no pin)."""
+    path = os.path.join(root or comfy_env.ROOT, "requirements.txt")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        found = re.search(r"^comfyui[-_]frontend[-_]package==([\w.]+)\s*$", f.read(), re.MULTILINE | re.IGNORECASE)
+    return found.group(1) if found else None
+
+
+def installed_frontend_version() -> Optional[str]:
+    try:
+        return importlib.metadata.version(FRONTEND_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def pinned_frontend(cache_dir: str, root: Optional[str] = None) -> Optional[str]:
+    """The --front-end-root for the frontend the ComfyUI at ``root`` pins: None where the installed package is that
+    version (ComfyUI's default then serves it), else the pinned wheel's static folder, installed from PyPI into
+    ``cache_dir`` on first use (``$EFFICIENT_ATTENTION_POP_FRONTEND_CACHE`` replaces ``cache_dir`` when set)."""
+    version = pinned_frontend_version(root)
+    if version is None or version == installed_frontend_version():
+        return None
+    cache_dir = os.environ.get(FRONTEND_CACHE_ENV) or cache_dir
+    target = os.path.join(cache_dir, f"{FRONTEND_PACKAGE}-{version}")
+    static = os.path.join(target, "comfyui_frontend_package", "static")
+    if not os.path.exists(os.path.join(static, "index.html")):
+        partial = f"{target}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
+                   "--target", partial, f"{FRONTEND_PACKAGE}=={version}"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.isdir(os.path.join(partial, "comfyui_frontend_package", "static")):
+            shutil.rmtree(partial, ignore_errors=True)
+            raise RuntimeError(f"could not install the frontend that {root or comfy_env.ROOT} pins "
+                               f"({' '.join(command)}):\n{done.stdout}{done.stderr}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(partial, target)
+    return static
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -98,10 +153,12 @@ def _free_port() -> int:
 
 class ComfyServer:
     """``python main.py --cpu`` of $COMFYUI_PATH on a free loopback port, with ``base_dir`` as its base directory
-    (custom_nodes/ holds a link to this pack, models/ the tiny weights)."""
+    (custom_nodes/ holds a link to this pack, models/ the tiny weights); ``front_end_root`` is passed as
+    --front-end-root when given."""
 
-    def __init__(self, base_dir: str):
+    def __init__(self, base_dir: str, front_end_root: Optional[str] = None):
         self.base_dir = base_dir
+        self.front_end_root = front_end_root
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(base_dir, "server.log")
@@ -118,6 +175,8 @@ class ComfyServer:
             f.write(LAUNCHER.format(tests=HERE, root=os.path.abspath(comfy_env.ROOT)))
         command = [sys.executable, launcher, "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", self.base_dir, "--disable-auto-launch", "--database-url", "sqlite:///:memory:"]
+        if self.front_end_root:
+            command += ["--front-end-root", self.front_end_root]
         env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "TRITON_INTERPRET")}
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command, cwd=self.base_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -181,12 +240,15 @@ class ComfyServer:
         return safetensors.torch.load_file(path)["latent_tensor"]
 
 
-def serve_tiny_sd15(tmp_path_factory, test_name: str) -> Iterator[ComfyServer]:
+def serve_tiny_sd15(tmp_path_factory, test_name: str, frontend_cache: Optional[str] = None
+                    ) -> Iterator[ComfyServer]:
     """For a module fixture: today's ComfyUI serving tiny SD1.5 weights, stopped afterwards; skips (with the
-    reason) where ComfyUI has no attention override."""
+    reason) where ComfyUI has no attention override. With ``frontend_cache`` (a folder) the server runs the
+    frontend its ComfyUI pins (``pinned_frontend``), else whichever the virtualenv has."""
     comfy_env.load_todays_comfy(f"the {test_name}")
     base = tmp_path_factory.mktemp("comfyui")
+    front_end_root = pinned_frontend(frontend_cache) if frontend_cache else None
     write_tiny_sd15(str(base / "models"))
-    running = ComfyServer(str(base)).start()
+    running = ComfyServer(str(base), front_end_root).start()
     yield running
     running.stop()

@@ -1,5 +1,17 @@
-"""What a new user sees in ComfyUI's own UI (frontend 1.27.10), in a real browser: headless Chromium driven by
-Selenium against a ComfyUI server with the pack (tests/comfy_server.py, tiny SD1.5 weights).
+"""What a new user sees in ComfyUI's own UI, in a real browser: headless Chromium driven by Selenium against a
+ComfyUI server with the pack (tests/comfy_server.py, tiny SD1.5 weights).
+
+The UI is the frontend the ComfyUI under test pins in its requirements.txt: 1.27.10 for ComfyUI 0.3.64 (the
+`test` extra installs it), 1.49.6 for ComfyUI 0.33.0. A virtualenv holds one comfyui-frontend-package, so when the
+installed one is not the pin, the server fixture installs the pinned wheel from PyPI (`pip install --no-deps
+--target`, about 85 MB, once) into pytest's cache folder (.pytest_cache/d/comfyui-frontend/, or
+$EFFICIENT_ATTENTION_POP_FRONTEND_CACHE) and starts ComfyUI with `--front-end-root` pointing at it
+(comfy_server.pinned_frontend). The two frontends differ in their markup; where they do, the helpers below accept
+either (template browser: 1.49.6 lists a pack's workflows under the pack's name in its side bar; node search: a
+new list, and the added node follows the pointer until a click places it; queue: a job-queue overlay instead of a
+side panel; errors: an overlay naming the failed node, its "View details" opening the error panel, instead of a
+dialog). The workflow-templates package (ComfyUI's own templates) is not needed by either: the pack's examples are
+served from its example_workflows/ folder.
 
 Checked: the example workflows in the template browser (cards with their titles and thumbnails) and loaded into
 the canvas without errors about the node; the node found through the canvas search box and added, its widgets in
@@ -51,11 +63,13 @@ def missing_browser_parts():
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, request):
     missing = missing_browser_parts()
     if missing:
         pytest.skip("the browser test needs " + ", ".join(missing))
-    yield from serve_tiny_sd15(tmp_path_factory, "browser test")
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    frontends = str(cache.mkdir("comfyui-frontend") if cache else tmp_path_factory.mktemp("comfyui-frontend"))
+    yield from serve_tiny_sd15(tmp_path_factory, "browser test", frontend_cache=frontends)
 
 
 @pytest.fixture(scope="module")
@@ -105,18 +119,24 @@ def shoot(driver, shots, name):
     driver.save_screenshot(os.path.join(shots, name))
 
 
+QUEUE_BUTTON = ".queue-tab-button, [data-testid=queue-overlay-toggle]"  # 1.27.10's side bar tab, 1.49.6's overlay
+QUEUE_PANEL = ".sidebar-content-container, [data-testid=queue-progress-overlay]"
+DIALOGS = ".p-dialog, [role=dialog]"
+DIALOG_CLOSE = ".p-dialog button[aria-label=Close], [role=dialog] button[aria-label='Close dialog']"
+
+
 def shoot_with_queue_panel(driver, shots, name):
-    """A screenshot with the Queue side panel open (the finished runs, with their times); closed again after."""
-    driver.find_element("css selector", ".queue-tab-button").click()
-    wait_for(driver, "const panel = document.querySelector('.sidebar-content-container'); "
-                     "return panel && /\\d+\\.\\d+s/.test(panel.innerText)", "the queue panel's runs", 10)
+    """A screenshot with the queue panel open (the finished runs, with their times); closed again after."""
+    driver.find_element("css selector", QUEUE_BUTTON).click()
+    wait_for(driver, "return [...document.querySelectorAll(arguments[0])].some(p => /\\d+\\.\\d+s/.test(p.innerText))",
+             "the queue panel's runs", 10, [QUEUE_PANEL])
     shoot(driver, shots, name)
-    driver.find_element("css selector", ".queue-tab-button").click()
+    driver.find_element("css selector", QUEUE_BUTTON).click()
 
 
 def close_dialogs(driver):
-    driver.execute_script("document.querySelectorAll('.p-dialog button[aria-label=Close]').forEach(b => b.click())")
-    wait_for(driver, "return !document.querySelector('.p-dialog')", "the dialogs to close", 10)
+    driver.execute_script("document.querySelectorAll(arguments[0]).forEach(b => b.click())", DIALOG_CLOSE)
+    wait_for(driver, "return !document.querySelector(arguments[0])", "the dialogs to close", 10, [DIALOGS])
 
 
 def new_graph(driver, api_workflow=None):
@@ -155,6 +175,14 @@ def hover_tooltip(driver, graph_x, graph_y):
                     f"a tooltip at {graph_x, graph_y}", 10)
 
 
+SEARCH_PLACEHOLDERS = ("Search Nodes...", "Add a node...")  # frontend 1.27.10, 1.49.6
+SEARCH_OPTIONS = ("li.p-autocomplete-option", "[data-testid=result-item]")
+SEARCH_TITLES = ("const old = [...document.querySelectorAll('li.p-autocomplete-option')]; "  # 1.27.10: aria-label
+                 "if (old.length) return old.map(o => o.getAttribute('aria-label')); "
+                 "return [...document.querySelectorAll('[data-testid=result-item]')]"  # 1.49.6: the first line's text
+                 ".map(o => o.querySelector('span.truncate').innerText);")
+
+
 def search_results(driver, text):
     """Open the node search box on the empty canvas, type ``text``; the result titles in order."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -162,16 +190,15 @@ def search_results(driver, text):
     canvas = driver.find_element("css selector", "canvas#graph-canvas")
     ActionChains(driver).move_to_element(canvas).double_click().perform()
     box = driver.switch_to.active_element
-    assert box.get_attribute("placeholder") == "Search Nodes...", "the double-click did not open the node search"
+    assert box.get_attribute("placeholder") in SEARCH_PLACEHOLDERS, "the double-click did not open the node search"
     box.send_keys(text)
     # before the query is applied the box lists popular nodes, without highlighted matches
-    wait_for(driver, "return document.querySelector('li.p-autocomplete-option .highlight')",
-             f"search results for {text!r}", 10)
+    wait_for(driver, "return document.querySelector(arguments[0])", f"search results for {text!r}", 10,
+             [", ".join(f"{option} .highlight" for option in SEARCH_OPTIONS)])
     titles = None
     while True:  # the list settles once the (debounced) search has run
         time.sleep(0.5)
-        latest = driver.execute_script("return [...document.querySelectorAll('li.p-autocomplete-option')]"
-                                       ".map(o => o.getAttribute('aria-label'))")
+        latest = driver.execute_script(SEARCH_TITLES)
         if latest == titles:
             return box, titles
         titles = latest
@@ -197,6 +224,34 @@ def run_from_ui(driver, server, timeout=180.0):
     raise AssertionError(f"no run finished within {timeout:.0f} s:\n{server.log_tail()}")
 
 
+def missing_models_notice(driver):
+    """Where the UI lists a loaded workflow's missing model files: 1.27.10's Missing Models dialog; in 1.49.6 the
+    error overlay, whose "View details" opens the error panel's Missing Models group. Its text."""
+    shown = wait_for(driver, "const d = [...document.querySelectorAll('.p-dialog')]"
+                             ".find(d => d.innerText.startsWith('Missing Models')); if (d) return ['dialog', d.innerText]; "
+                             "const o = document.querySelector('[data-testid=error-overlay]'); "
+                             "return o && ['overlay', o.innerText];", "the missing models notice", 10)
+    if shown[0] == "dialog":
+        return shown[1]
+    driver.find_element("xpath", "//*[@data-testid='error-overlay']//button[normalize-space()='View details']").click()
+    return wait_for(driver, "const e = document.querySelector('[data-testid=error-group-missing-model]'); "
+                            "return e && e.innerText", "the error panel's missing models", 10)
+
+
+def error_report(driver):
+    """The text the UI shows for a failed run: 1.27.10's error dialog; in 1.49.6 the overlay naming the failed node
+    (its title is checked here) and the error panel its "View details" opens."""
+    shown = wait_for(driver, "const d = document.querySelector('.p-dialog'); if (d) return ['dialog', d.innerText]; "
+                             "const o = document.querySelector('[data-testid=error-overlay]'); "
+                             "return o && ['overlay', o.innerText];", "the error dialog or overlay", 20)
+    if shown[0] == "dialog":
+        return shown[1]
+    assert f"{NODE_TITLE} failed" in shown[1], shown[1]
+    driver.find_element("xpath", "//*[@data-testid='error-overlay']//button[normalize-space()='View details']").click()
+    return wait_for(driver, "const e = document.querySelector('[data-testid=error-group-execution]'); "
+                            "return e && /Exception/.test(e.innerText) && e.innerText", "the error panel", 10)
+
+
 def our_node_widgets(driver, node_id):
     return driver.execute_script("return app.graph.getNodeById(arguments[0]).widgets.map(w => [w.name, w.value])",
                                  node_id)
@@ -206,9 +261,18 @@ def test_template_browser_shows_the_examples(page, server, shots):
     """On a first start ComfyUI opens its template browser; the pack's examples are cards there, titled by their
     file names, with the .jpg beside each as thumbnail."""
     names = [os.path.splitext(os.path.basename(path))[0] for path in EXAMPLES]
-    if not page.execute_script("return !!document.querySelector('[data-testid=template-workflows-content]')"):
+    if not page.execute_script("return !!document.querySelector('[data-testid=template-workflows-content], "
+                               "[data-testid=manage-node-templates-dialog]')"):
         page.execute_script("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     cards = {name: f'[data-testid="template-workflow-{name}"]' for name in names}
+    # 1.49.6 opens on ComfyUI's own templates (a package not installed here: none) and lists each pack that has
+    # templates by its folder name in the side bar; a user clicks it. 1.27.10 shows the pack's cards at once.
+    wait_for(page, "return document.querySelector(arguments[0]) || [...document.querySelectorAll("
+                   "'[role=dialog] [role=button], [role=dialog] button')].some(e => e.innerText.trim() === arguments[1])",
+             "the template browser", 30, [next(iter(cards.values())), PACK_FOLDER])
+    if not page.execute_script("return document.querySelector(arguments[0])", next(iter(cards.values()))):
+        page.find_element("xpath", f"//*[@role='dialog']//*[@role='button' or self::button]"
+                                   f"[normalize-space()='{PACK_FOLDER}']").click()
     wait_for(page, "return arguments[0].every(c => { const img = document.querySelector(c + ' img'); "
                    "return img && img.complete && img.naturalWidth > 0; })", "the example cards' thumbnails", 30,
              [list(cards.values())])
@@ -221,8 +285,10 @@ def test_template_browser_shows_the_examples(page, server, shots):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_example_loads_without_errors(page, server, shots, path):
-    """Each example, fetched and loaded as its card does (the card itself loads nothing here: it waits for the core
-    templates, a package the tests do not install), keeps our node's values and raises no error."""
+    """Each example, fetched and loaded as its card does (in 1.27.10 the card itself loads nothing here: it waits for
+    the core templates, a package the tests do not install), keeps our node's values and raises no error; the only
+    notice is the UI's list of the missing model files (the tiny server has none of them), naming every file of the
+    loaders' properties.models, so a user is offered their downloads."""
     name = os.path.splitext(os.path.basename(path))[0]
     with open(path, encoding="utf-8") as f:
         saved = json.load(f)
@@ -233,11 +299,24 @@ def test_example_loads_without_errors(page, server, shots, path):
         ".then(graph => app.loadGraphData(graph, true, true, name)).then(() => done(true))",
         f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(name)}.json", name)
     time.sleep(1)
+    models = [model["name"] for node in saved["nodes"] for model in node.get("properties", {}).get("models", [])]
+    if models:
+        listed = missing_models_notice(page)
+        assert all(model in listed for model in models), (models, listed)
+    # no other notice, e.g. the workflow schema's validation warnings (toasts) or an error group of 1.49.6's panel
+    others = page.execute_script(
+        "return [...document.querySelectorAll('.p-toast-message, .p-dialog, section[data-testid^=error-group-]')]"
+        ".filter(e => !(e.matches('.p-dialog') && e.innerText.startsWith('Missing Models')) "
+        "&& e.getAttribute('data-testid') !== 'error-group-missing-model').map(e => e.innerText)")
+    assert not others, others
+    if not models:
+        assert not page.execute_script("return document.querySelector('[data-testid=error-overlay]')")
+    # network failures are not the pack's: the model URLs' download sizes (fetched by 1.27.10's Missing Models
+    # dialog) cannot be had offline
     errors = [entry["message"] for entry in page.get_log("browser") if entry["level"] == "SEVERE"
-              and "Failed to load resource" not in entry["message"]]
+              and "Failed to load resource" not in entry["message"]
+              and "Error fetching file size" not in entry["message"]]
     assert not errors, errors
-    assert not page.execute_script("return [...document.querySelectorAll('.p-toast-message, .p-dialog')]"
-                                   ".map(e => e.innerText)")  # e.g. the workflow schema's validation warnings
     for node in (n for n in saved["nodes"] if n["type"] == "EfficientAttentionPoP"):
         assert [value for _, value in our_node_widgets(page, node["id"])] == node["widgets_values"]
     shoot(page, shots, f"02_example_{name}.png")
@@ -267,6 +346,13 @@ def test_search_box_finds_the_node_and_adds_it(page, shots):
     box.send_keys(Keys.ENTER)
     node_id = wait_for(page, "const n = app.graph.nodes.find(n => n.type === 'EfficientAttentionPoP'); "
                              "return n && n.id", "the node to be added", 10)
+    if page.execute_script("return !!app.graph.getNodeById(arguments[0]).flags.ghost", node_id):
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        move_mouse(page, *screen_point(page, 300, 150))  # 1.49.6: the node follows the pointer until a click
+        ActionChains(page).click().perform()
+        wait_for(page, "return !app.graph.getNodeById(arguments[0]).flags.ghost", "the node to be placed", 10,
+                 [node_id])
     assert [name for name, _ in our_node_widgets(page, node_id)] == [name for name, *_ in INPUTS]
     definition = page.execute_script("const d = LiteGraph.registered_node_types.EfficientAttentionPoP.nodeData; "
                                      "return [d.description, Object.fromEntries(Object.entries(d.inputs)"
@@ -302,9 +388,8 @@ def test_error_dialog_names_the_node_and_the_server_goes_on(page, server, shots)
                         "n.widgets.find(w => w.name === 'heads').value = 7;", OUR_NODE_ID)  # divides none of 320
     entry = run_from_ui(page, server)
     assert entry["status"]["status_str"] == "error", entry["status"]
-    dialog = wait_for(page, "const d = document.querySelector('.p-dialog'); return d && d.innerText",
-                      "the error dialog", 20)
-    assert NODE_TITLE in dialog and "Mismatch in tensor dimensions" in dialog, dialog
+    report = error_report(page)
+    assert NODE_TITLE in report and "Mismatch in tensor dimensions" in report, report
     shoot(page, shots, "06_error_dialog.png")
 
     close_dialogs(page)
