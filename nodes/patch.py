@@ -415,8 +415,9 @@ class AttentionPatch:
                             f"{family.name}: {model_call.unplaceable}")
             return None
         n, m = call.query_tokens, call.key_tokens
-        if key_layout is None and not layouts.problem and self._without_image_tokens(call, model_call):
-            return None  # text-only self-attention (refiners) or temporal attention: no image grid to mask
+        if key_layout is None and not layouts.problem and (not family.is_unet
+                                                           or self._without_image_tokens(call, model_call)):
+            return None  # fewer tokens than the image (text refiners) or temporal attention: no image grid to mask
         if key_layout is None:
             why = layouts.problem or f"its {m} key tokens do not fit the latent {model_call.latent_shape}"
             self._warn_once(("layout", n, m), f"{NODE_NAME}: the mask is not applied to such {family.name} attention "
@@ -441,8 +442,8 @@ class AttentionPatch:
 
     @staticmethod
     def _without_image_tokens(call: ComfyAttentionCall, model_call: ModelCall) -> bool:
-        """A self-attention call over no image tokens: the text alone (HunyuanVideo's, Lumina 2's and OmniGen2's
-        refiners), or across video frames (SVD's temporal attention, beside a level of another size)."""
+        """A UNet self-attention call over no image tokens: across video frames (SVD's temporal attention, beside a
+        level of another size), or the text alone."""
         activations = call.transformer_options.get("activations_shape")
         if activations is not None and len(activations) == 4 and call.query_tokens != activations[-2] * activations[-1]:
             return True

@@ -857,21 +857,86 @@ UNREACHABLE: List[FamilyCase] = [
         functools.partial(_hunyuan3d_inputs, v21=True), H3D_CONTEXT,
         "self over [timestep token, latents] and cross to the image tokens, heads=, no transformer_options; "
         "even batch only (it swaps the cond/uncond halves)"),
-    FamilyCase(
-        "Wan 2.2 S2V", _builder("WAN22_S2V", WAN_S2V, "WAN22_S2V", 43, post=_s2v_weights), _wan_s2v_inputs,
-        WAN_TEXT,
-        "WanModel_S2V calls its blocks without transformer_options (they get the {} default): self over [video, "
-        "reference, motion frames], text cross, and per-frame audio-injector cross-attention"),
 ]
+
+# ------------------------------------------------------------------------ families of ComfyUI after 0.3.64 (0.33)
+
+FLUX2 = dict(image_model="flux2", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=32, hidden_size=128,
+             mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 16, 16, 16], theta=2000,
+             patch_size=1, qkv_bias=False, guidance_embed=False, global_modulation=True, mlp_silu_act=True,
+             ops_bias=False, txt_ids_dims=[3], default_ref_method="index")
+ZIMAGE = dict(LUMINA2, pad_tokens_multiple=32)  # Z-Image: caption and image each padded to a multiple of 32 tokens
+HUNYUAN_VIDEO15 = dict(HUNYUAN_VIDEO, vec_in_dim=None, guidance_embed=False, byt5=True, use_cond_type_embedding=True,
+                       vision_in_dim=24)
+
+
+def _flux2_inputs():
+    g = _gen(150)  # a 12 x 10 latent at patch 1: 120 image tokens after 8 text tokens
+    return _inputs(_randn(g, 2, 16, 12, 10), _sigma("Flux2", FLUX2, "FLUX", 2), c_crossattn=_randn(g, 2, FLUX_TEXT, 32))
+
+
+def _zimage_inputs():
+    g = _gen(151)  # 8 x 10 = 80 image tokens, padded to 96; 8 caption tokens, padded to 32
+    return _inputs(_randn(g, 2, 16, 16, 20), _sigma("ZImage", ZIMAGE, "FLOW", 2),
+                   c_crossattn=_randn(g, 2, LUMINA_TEXT, 32), num_tokens=LUMINA_TEXT)
+
+
+def _hunyuan_video15_inputs():
+    g = _gen(152)  # [3 CLIP-vision, 5 byT5, 7 LLM text | 16 reference, 48 video] tokens
+    return _inputs(_randn(g, 1, 16, 3, 8, 8), _sigma("HunyuanVideo15", HUNYUAN_VIDEO15, "FLOW", 1),
+                   c_crossattn=_randn(g, 1, 7, 32), txt_byt5=_randn(g, 1, 5, 1472), clip_fea=_randn(g, 1, 3, 24),
+                   ref_latent=_randn(g, 1, 16, 1, 8, 8))
+
+
+# (config class that must exist in the loaded ComfyUI, case)
+NEWER_CASES = [
+    ("Flux2", FamilyCase(
+        "Flux 2 (patch 1)", _builder("Flux2", FLUX2, "Flux2", 50), _flux2_inputs, FLUX_TEXT,
+        "the Flux class with patch size 1 (from the checkpoint): joint [text, image] over every latent cell")),
+    ("ZImage", FamilyCase(
+        "Z-Image", _builder("ZImage", ZIMAGE, "Lumina2", 51), _zimage_inputs, LUMINA_TEXT,
+        "Lumina 2's NextDiT with pad_tokens_multiple=32: [caption + padding, image + padding], refiners over each")),
+    ("HunyuanVideo15", FamilyCase(
+        "HunyuanVideo 1.5 (i2v, reference latent)", _builder("HunyuanVideo15", HUNYUAN_VIDEO15, "HunyuanVideo15", 52),
+        _hunyuan_video15_inputs, 7,
+        "the HunyuanVideo class, text first: [CLIP vision, byT5, LLM text, reference latent, video]; img_slice set "
+        "for the single blocks")),
+]
+
+# Wan 2.2 S2V: ComfyUI 0.3.64's WanModel_S2V calls its blocks without transformer_options (they get the {} default);
+# later ComfyUI (0.33) passes them, so its calls reach the override. Which list it joins is measured below.
+WAN_S2V_CASE = FamilyCase(
+    "Wan 2.2 S2V", _builder("WAN22_S2V", WAN_S2V, "WAN22_S2V", 43, post=_s2v_weights), _wan_s2v_inputs, WAN_TEXT,
+    "self over [video, reference, motion frames] (tokens the pack does not place: mask declined), text cross, and "
+    "per-frame audio-injector cross-attention")
 
 # Families in CASES where some wrap_attn calls carry no transformer_options, so the override misses them.
 CALLS_WITHOUT_OVERRIDE: Dict[str, str] = {
+    "Wan 2.2 S2V": "the audio injector's per-frame cross-attention (comfy/ldm/wan/model.py, WanModel_S2V) calls "
+                   "attention without transformer_options, in ComfyUI that passes them to the blocks (0.33)",
     "Wan 2.2 Animate": "FaceAdapter/FaceBlock (comfy/ldm/wan/model_animate.py) calls optimized_attention(q, k, v, "
                        "heads=...) without transformer_options: the face-motion cross-attention of every 5th block",
 }
 
 
 # --------------------------------------------------------------------------------------------------- running
+
+def reaches_override(case: FamilyCase) -> bool:
+    """Whether any attention call of ``case`` carries transformer_options to ComfyUI's wrap_attn (run once)."""
+    model = case.build()
+    model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = (
+        lambda func, *args, **kwargs: func(*args, **kwargs))
+    return count_attention_calls(lambda: run_model(model, case.inputs()))[2] > 0
+
+
+def _add_cases_of_the_loaded_comfyui() -> None:
+    """Wan 2.2 S2V to CASES where its calls reach the override, else to UNREACHABLE; the families of newer ComfyUI
+    where the loaded ComfyUI has them."""
+    todays = comfy_env.ROOT is not None and comfy_env.is_todays_comfyui()
+    (CASES if todays and reaches_override(WAN_S2V_CASE) else UNREACHABLE).append(WAN_S2V_CASE)
+    if todays:
+        CASES.extend(case for config, case in NEWER_CASES if hasattr(_comfy().supported_models, config))
+
 
 def run_model(patcher, case_inputs: dict, transformer_options_extra: Optional[dict] = None):
     """One denoiser call the way ComfyUI's sampler makes it (comfy_env.run_model) with a case's inputs; a real
@@ -892,10 +957,10 @@ def _wrapper_code():
     return codes[0]
 
 
-def count_attention_calls(fn) -> Tuple[object, int, int]:
+def count_attention_calls(fn, keywords: Optional[list] = None) -> Tuple[object, int, int]:
     """Run fn(); return (its result, number of calls that entered ComfyUI's wrap_attn wrapper from outside
     (i.e. kwargs without "_inside_attn_wrapper"), number of those that carried transformer_options with an
-    "optimized_attention_override" entry)."""
+    "optimized_attention_override" entry). ``keywords``: a list that gets the keyword arguments of each of those."""
     code = _wrapper_code()
     counts = [0, 0]
 
@@ -907,6 +972,8 @@ def count_attention_calls(fn) -> Tuple[object, int, int]:
                 options = kwargs.get("transformer_options")
                 if options is not None and "optimized_attention_override" in options:
                     counts[1] += 1
+                    if keywords is not None:
+                        keywords.append(dict(kwargs))
 
     previous = sys.getprofile()
     sys.setprofile(profiler)
@@ -915,3 +982,6 @@ def count_attention_calls(fn) -> Tuple[object, int, int]:
     finally:
         sys.setprofile(previous)
     return result, counts[0], counts[1]
+
+
+_add_cases_of_the_loaded_comfyui()
