@@ -30,10 +30,13 @@ def latent_and_context(seed=2):
     return torch.zeros(1, 4, 16, 16), torch.randn(1, CONTEXT_TOKENS, 32, generator=gen)
 
 
-def test_todo_serves_self_attention_and_leaves_the_text_exact(model, monkeypatch):
+def test_todo_serves_self_attention_and_leaves_the_text_exact(model, monkeypatch, caplog):
     log = CallLog(monkeypatch)
     latent, context = latent_and_context()
-    out = comfy_env.sample(patched(model, backend="todo", downsample=2), latent, context)
+    with caplog.at_level(logging.INFO, logger="efficient_attention_pop"):
+        out = comfy_env.sample(patched(model, backend="todo", downsample=2), latent, context)
+    # once per sampling run: how many calls the approximation served (7 self-attention of 14)
+    assert caplog.text.count("todo served 7 of the 14 attention calls of this SD15 model call") == 1
     assert torch.isfinite(out).all()
     by_kind = {(c["n"], c["m"], c["backend"]) for c in log.calls}
     assert by_kind == {(256, 256, "todo"), (64, 64, "todo"), (256, CONTEXT_TOKENS, "sdpa"),

@@ -219,3 +219,33 @@ def test_compiled_model_has_no_graph_breaks_from_the_patch(comfy, model, choices
     probe.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "zz-explain", explain)
     comfy_env.run_unet(probe, *args)
     assert explained["graph"].graph_break_count == 0, explained["graph"].break_reasons
+
+
+def _core_attention_backend(comfy):
+    """ComfyUI's own "Model Attention Backend" node (0.33), which overwrites the override without chaining; None in
+    ComfyUI that does not have it (0.3.64)."""
+    if not hasattr(comfy.model_patcher.ModelPatcher, "set_model_optimized_attention"):
+        return None
+    import comfy_extras.nodes_model_advanced as advanced
+
+    return getattr(advanced, "ModelAttentionBackend", None)
+
+
+def test_core_model_attention_backend_before_and_after_the_node(comfy, model, monkeypatch, caplog):
+    backend_node = _core_attention_backend(comfy)
+    if backend_node is None:
+        assert not hasattr(comfy.model_patcher.ModelPatcher, "set_model_optimized_attention")
+        return  # this ComfyUI has no such node: nothing can overwrite the override this way
+    ours = patched(model, backend="linear", apply_to="self-attention")
+    reference = comfy_env.run_unet(ours, *inputs())
+    after = backend_node().patch(ours, "pytorch attention")[0]
+    before = patched(backend_node().patch(model, "pytorch attention")[0], backend="linear", apply_to="self-attention")
+    for chained, reinstalled in ((after, True), (before, False)):
+        log = CallLog(monkeypatch)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="efficient_attention_pop"):
+            out = comfy_env.run_unet(chained, *inputs())
+        assert log.backends() == ["linear"] * 7  # our self-attention calls; the cross calls went to core's function
+        assert ("another attention override was installed after this node" in caplog.text) == reinstalled
+        torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
+        monkeypatch.undo()
