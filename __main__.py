@@ -109,7 +109,17 @@ def quality(args) -> int:
           f"{setup.guidance}, sizes {list(sizes)} px, device={args.device}, torch {torch.__version__}, "
           f"threads={torch.get_num_threads()}")
     started = time.perf_counter()
-    rows, notes = run(model, sizes, setup, args.backends, args.max_errors or ())
+    options = None
+    if args.options:
+        try:
+            options = [{name: int(value) for name, value in (item.split("=") for item in chosen.split(","))}
+                       for chosen in args.options]
+        except ValueError:
+            print(f"error: --options takes name=value[,name=value] with integer values; got {args.options}",
+                  file=sys.stderr)
+            return 2
+    rows, notes = run(model, sizes, setup, args.backends, args.max_errors or (), refreshes=args.refreshes or (),
+                      reuses=args.reuses or ("residual",), options=options)
     print(format_table(rows))
     for note in notes:
         print(note if note.startswith("warning:") else f"note: {note}")
@@ -190,6 +200,16 @@ def main(argv=None) -> int:
     quality_parser.add_argument("--max-error", dest="max_errors", type=float, action="append", metavar="BOUND",
                                 help="also measure every approximate backend under the node's quality guard with this "
                                      "bound (repeatable)")
+    quality_parser.add_argument("--refresh", dest="refreshes", type=int, action="append", metavar="K",
+                                help="also measure every approximate backend with the node's refresh mode: exact "
+                                     "attention every K steps, its residual reused in between (repeatable); these "
+                                     "rows are timed over whole sampling runs against the exact run")
+    quality_parser.add_argument("--reuse", dest="reuses", action="append", choices=("residual", "output"),
+                                help="with --refresh: what is reused between refreshes (default residual; output: "
+                                     "the exact output itself, measured only, not offered by the node)")
+    quality_parser.add_argument("--options", action="append", metavar="NAME=VALUE[,NAME=VALUE]",
+                                help="measure only these option sets of the approximate backends, e.g. "
+                                     "window=16,downsample=4 (repeatable)")
     quality_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                                 help="torch device for the model, e.g. cpu, cuda (default: cuda where torch sees one, "
                                      "else cpu)")

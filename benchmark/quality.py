@@ -39,16 +39,21 @@ EXACT = "exact"  # the model's own attention (torch SDPA): the reference every r
 
 @dataclass(frozen=True)
 class Variant:
-    """One backend with one option set, and the node's quality guard around it (max_error > 0)."""
+    """One backend with one option set, the node's refresh mode (refresh > 0: exact attention every ``refresh``
+    steps, its residual, or with ``reuse="output"`` its output, reused in between) and the node's quality guard
+    around it (max_error > 0)."""
 
     backend: str
     options: Tuple[Tuple[str, object], ...] = ()
     max_error: float = 0.0
+    refresh: int = 0
+    reuse: str = "residual"
 
     @property
     def label(self) -> str:
+        refresh = [f"refresh={self.refresh}"] * bool(self.refresh) + [f"reuse={self.reuse}"] * (self.reuse != "residual")
         guard = [f"max_error={self.max_error:g}"] if self.max_error else []
-        return " ".join([self.backend] + [f"{name}={value}" for name, value in self.options] + guard)
+        return " ".join([self.backend] + [f"{name}={value}" for name, value in self.options] + refresh + guard)
 
     def attention_fn(self) -> Callable:
         """The proxy model's attention hook running this backend: (q, k, v, layout, layer) -> out, all (B, H, N, D).
@@ -59,6 +64,8 @@ class Variant:
             return attention(q, k, v, q.shape[1], backend=self.backend, layout=layout, skip_reshape=True,
                              skip_output_reshape=True, **options)
 
+        if self.refresh:
+            return self._refreshed(run)
         if not self.max_error:
             return run
         from ..nodes.guard import QualityGuard
@@ -73,6 +80,50 @@ class Variant:
                                 lambda exact_out: run(q, k, v, layout, layer_index))
 
         return guarded
+
+    def _refreshed(self, run: Callable) -> Callable:
+        """The refresh mode as the node runs it (nodes/reuse.py; one model call = one step, one stream: the proxy
+        batches cond and uncond), under the guard where max_error > 0; no budget limit (the proxy's caches are
+        small: 5 layers of (2B, N, 128))."""
+        from ..nodes.guard import QualityGuard
+        from ..nodes.reuse import ReuseCache
+
+        cache = ReuseCache(self.refresh, float("inf"), self.reuse)
+        guard = QualityGuard(self.max_error) if self.max_error else None
+        model_calls = [0]
+
+        def refreshed(q, k, v, layout, layer_index):
+            if layer_index == 0:  # the model starts its next call
+                if model_calls[0]:
+                    cache.end_model_call()
+                    if guard is not None:
+                        guard.end_model_call()
+                model_calls[0] += 1
+                cache.begin_model_call("batch", tuple(q.shape))
+            key = (layer_index, q.shape[2], k.shape[2], "batch")
+
+            def exact():
+                return F.scaled_dot_product_attention(q, k, v)
+
+            def approximate(exact_out):
+                return run(q, k, v, layout, layer_index)
+
+            if guard is not None:
+                return guard.attend_with_reuse(key, q.shape[2], exact, approximate, cache)
+            return cache.attend(key, exact, approximate)
+
+        def new_run():  # a new sampling run in the node: the cache and guard start again, the sizes stay known
+            if model_calls[0]:
+                cache.end_model_call()
+                if guard is not None:
+                    guard.end_model_call()
+            model_calls[0] = 0
+            cache.start_run()
+            if guard is not None:
+                guard.start_run()
+
+        refreshed.cache, refreshed.guard, refreshed.new_run = cache, guard, new_run  # for time_runs, tests, the table
+        return refreshed
 
 
 @dataclass
@@ -94,6 +145,15 @@ class QualityRow:
     ssim: float
     attn_cosine: float
     attn_rel_l2: float
+    refresh: int = 0  # the refresh mode's period (0: off)
+    reuse: str = ""  # what the refresh mode reuses between refreshes ("residual", "output"; "" when off)
+    # Whole sampling runs (refresh rows, measured with the exact run in interleaved rounds): exact run's total time /
+    # this run's, attention calls and denoiser calls; None for the rows timed on one denoiser call only
+    run_attention_speedup: Optional[float] = None
+    run_denoiser_speedup: Optional[float] = None
+    run_attention_speedup_range: Optional[Tuple[float, float]] = None
+    run_denoiser_speedup_range: Optional[Tuple[float, float]] = None
+    cache_mib: Optional[float] = None  # what the refresh mode kept at the end of the run (MiB), None when off
 
 
 @dataclass(frozen=True)
@@ -112,10 +172,11 @@ DEFAULT_SIZES = (32, 64, 128)  # 1x, 4x and 16x the training token count (256 im
 QUICK_SIZES = (32, 64)
 
 
-def variants(backends: Optional[Sequence[str]] = None, max_errors: Sequence[float] = ()
-             ) -> Tuple[List[Variant], List[str]]:
+def variants(backends: Optional[Sequence[str]] = None, max_errors: Sequence[float] = (), refreshes: Sequence[int] = (),
+             reuses: Sequence[str] = ("residual",)) -> Tuple[List[Variant], List[str]]:
     """Every backend's benchmark option sets (or those of ``backends``), each approximate one also under the
-    quality guard at every bound of ``max_errors``; and notes on the backends left out."""
+    quality guard at every bound of ``max_errors``, and with the refresh mode at every period of ``refreshes``
+    (each kind of ``reuses``; with every bound of ``max_errors`` too); and notes on the backends left out."""
     chosen, notes = [], []
     for name, backend in BACKENDS.items():
         if backends is not None and name not in backends:
@@ -129,6 +190,8 @@ def variants(backends: Optional[Sequence[str]] = None, max_errors: Sequence[floa
             chosen.append(Variant(name, frozen))
             if not backend.exact:
                 chosen.extend(Variant(name, frozen, bound) for bound in max_errors)
+                chosen.extend(Variant(name, frozen, bound, refresh, reuse) for refresh in refreshes for reuse in reuses
+                              for bound in (0.0, *max_errors))
     return chosen, notes
 
 
@@ -221,6 +284,49 @@ def time_denoiser(model, setup: QualitySetup, size: int, measured: List[Variant]
     return times
 
 
+def time_runs(model, setup: QualitySetup, size: int, measured: List[Variant], progress=None
+              ) -> Tuple[Dict[str, List[Tuple[float, float]]], Dict[str, torch.Tensor], Dict[str, float]]:
+    """Whole sampling runs: label -> [(attention seconds, run seconds) per round] for the exact run (label EXACT)
+    and every variant, rounds interleaved with the order rotating; each variant's images (from its last round)
+    and what its refresh mode kept at the end of the run (MiB). One attention function per variant for all its
+    rounds, each round a new sampling run, as the node keeps its caches per device across runs: the first round
+    pays the refresh mode's sizing step (its first step exact), later rounds of the same size know the sizes."""
+    device = next(model.parameters()).device
+    makers = {EXACT: lambda: (lambda q, k, v, layout, layer_index: F.scaled_dot_product_attention(q, k, v))}
+    makers.update((variant.label, variant.attention_fn) for variant in measured)
+    functions = {label: maker() for label, maker in makers.items()}
+    times: Dict[str, List[Tuple[float, float]]] = {label: [] for label in makers}
+    images: Dict[str, torch.Tensor] = {}
+    kept: Dict[str, float] = {}
+    labels_in_order = list(makers)
+    for round_index in range(setup.repeats):
+        shift = round_index % len(labels_in_order)
+        for label in labels_in_order[shift:] + labels_in_order[:shift]:
+            if progress is not None:
+                progress(f"whole runs: {label} ({round_index + 1}/{setup.repeats})")
+            function, spent = functions[label], [0.0]
+            if hasattr(function, "new_run"):
+                function.new_run()
+
+            def timed(q, k, v, layout, layer_index, function=function, spent=spent):
+                _sync(device)
+                start = time.perf_counter()
+                out = function(q, k, v, layout, layer_index)
+                _sync(device)
+                spent[0] += time.perf_counter() - start
+                return out
+
+            _sync(device)
+            start = time.perf_counter()
+            result = sample(model, setup, size, timed)
+            _sync(device)
+            times[label].append((spent[0], time.perf_counter() - start))
+            images[label] = result
+            if hasattr(function, "cache"):
+                kept[label] = function.cache.kept_bytes / float(1 << 20)
+    return times, images, kept
+
+
 @dataclass(frozen=True)
 class Speedup:
     """Exact time / backend time over interleaved rounds: the median of the rounds' ratios, lowest, highest."""
@@ -292,9 +398,15 @@ def serves_proxy(model, variant: Variant, size: int) -> List[str]:
 
 
 def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Sequence[str]] = None,
-        max_errors: Sequence[float] = (), progress=sys.stderr) -> Tuple[List[QualityRow], List[str]]:
-    """The quality table: one row per size and variant; and notes on what was left out."""
-    measured_all, notes = variants(backends, max_errors)
+        max_errors: Sequence[float] = (), progress=sys.stderr, refreshes: Sequence[int] = (),
+        reuses: Sequence[str] = ("residual",), options: Optional[Sequence[Dict[str, object]]] = None,
+        ) -> Tuple[List[QualityRow], List[str]]:
+    """The quality table: one row per size and variant (``options``: only these option sets); and notes on what
+    was left out. Rows with the refresh mode (``refreshes``) are timed over whole sampling runs."""
+    measured_all, notes = variants(backends, max_errors, refreshes, reuses)
+    if options is not None:
+        wanted = [tuple(sorted(chosen.items())) for chosen in options]
+        measured_all = [v for v in measured_all if BACKENDS[v.backend].exact or v.options in wanted]
     rows: List[QualityRow] = []
     started = time.perf_counter()
     for size_index, size in enumerate(sizes, 1):
@@ -312,21 +424,38 @@ def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Seq
         report("exact images and attention errors along their trajectory")
         exact_images, errors = exact_trajectory(model, setup, size, measured)
         report("timing")
-        timings = time_denoiser(model, setup, size, measured, report)
-        measured_speedups = {variant.label: speedups(timings, variant.label) for variant in measured}
+        per_call = [variant for variant in measured if not variant.refresh]
+        whole = [variant for variant in measured if variant.refresh]
+        timings = time_denoiser(model, setup, size, per_call, report)
+        measured_speedups = {variant.label: speedups(timings, variant.label) for variant in per_call}
         notes.extend(timing_warnings(size, measured_speedups))
+        run_images, kept = {}, {}
+        if whole:  # the refresh mode's cost differs from step to step: whole sampling runs against the exact run
+            run_timings, run_images, kept = time_runs(model, setup, size, whole, report)
+            measured_speedups.update((variant.label, speedups(run_timings, variant.label)) for variant in whole)
         tokens = model.config.cond_tokens + (size // model.config.patch) ** 2
         for variant in measured:
-            report(f"sampling with {variant.label}")
-            images = sample(model, setup, size, variant.attention_fn())
+            if variant.label in run_images:
+                images = run_images[variant.label]
+            else:
+                report(f"sampling with {variant.label}")
+                images = sample(model, setup, size, variant.attention_fn())
             attention_speedup, denoiser_speedup = measured_speedups[variant.label]
             mean_cosine, mean_rel_l2 = errors.mean(variant.label)
+            whole_run = {}
+            if variant.refresh:
+                whole_run = dict(refresh=variant.refresh, reuse=variant.reuse,
+                                 run_attention_speedup=attention_speedup.median,
+                                 run_denoiser_speedup=denoiser_speedup.median,
+                                 run_attention_speedup_range=(attention_speedup.low, attention_speedup.high),
+                                 run_denoiser_speedup_range=(denoiser_speedup.low, denoiser_speedup.high),
+                                 cache_mib=kept.get(variant.label, 0.0))
             rows.append(QualityRow(
                 variant.backend, dict(variant.options), BACKENDS[variant.backend].exact, variant.max_error, size, tokens,
                 attention_speedup.median, denoiser_speedup.median,
                 (attention_speedup.low, attention_speedup.high), (denoiser_speedup.low, denoiser_speedup.high),
                 attention_speedup.rounds, float(psnr_db(images, exact_images).mean()), float(ssim(images, exact_images).mean()),
-                mean_cosine, mean_rel_l2))
+                mean_cosine, mean_rel_l2, **whole_run))
     _progress(progress, None, started)
     return rows, notes
 
@@ -350,7 +479,10 @@ def format_table(rows: List[QualityRow]) -> str:
               "PSNR dB", "SSIM", "attn cosine", "attn rel L2"]
     return markdown_table(header, [[
         row.backend + ("" if not row.exact else " (exact)"),
-        " ".join([f"{k}={v}" for k, v in row.options.items()] + [f"max_error={row.max_error:g}"] * bool(row.max_error))
+        " ".join([f"{k}={v}" for k, v in row.options.items()]
+                 + [f"refresh={row.refresh}" + (f" reuse={row.reuse}" if row.reuse != "residual" else "")
+                    + (f" (whole runs, cache {row.cache_mib:.1f} MiB)" if row.cache_mib is not None else "")] * bool(row.refresh)
+                 + [f"max_error={row.max_error:g}"] * bool(row.max_error))
         or "-", str(row.image_size), str(row.tokens),
         f"{row.attention_speedup:.2f}", "{:.2f}-{:.2f}".format(*row.attention_speedup_range),
         f"{row.denoiser_speedup:.2f}", "{:.2f}-{:.2f}".format(*row.denoiser_speedup_range),

@@ -6,6 +6,13 @@ model call of a run every served layer computes both the approximation and exact
 exact output; a layer keeps the approximation afterwards only if its relative L2 error,
 ||approx - exact|| / ||exact||, is within ``max_error``. In each later model call one layer (rotating) is
 measured again and goes back to exact for the rest of the run if it drifted past the bound.
+
+With the refresh mode (reuse.py) the guard chooses per layer among three: the plain approximation where its error
+is within the bound (cheapest: no refresh steps, no memory), else the approximation plus the residual kept from
+the layer's last refresh where that is within the bound, else exact. A layer whose plain approximation is over
+the bound is measured again (exact returned) until it has a residual from an earlier step, then once more to
+measure the approximation plus that residual; the rotating re-measurement covers such layers too, and every
+measurement refreshes the residual it measured. The log table says what each layer runs.
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-LayerKey = Tuple[int, int, int]  # (index of the call in the model call, query tokens, key tokens)
+LayerKey = tuple  # (index of the call in the model call, query tokens, key tokens[, stream with the refresh mode])
+APPROXIMATE, RESIDUAL, EXACT = "approximate", "approximate+residual", "exact"
 
 
 def compare(approximation: torch.Tensor, exact: torch.Tensor) -> Tuple[float, float]:
@@ -33,6 +41,13 @@ class LayerRecord:
     errors: List[float] = field(default_factory=list)
     cosines: List[float] = field(default_factory=list)
     approximate: bool = False
+    residual_errors: List[float] = field(default_factory=list)  # approximation + residual against exact
+    residual: Optional[bool] = None  # within the bound with the residual; None: not measured yet
+
+    def runs(self, reuse: bool) -> str:
+        if self.approximate:
+            return APPROXIMATE
+        return RESIDUAL if reuse and self.residual else EXACT
 
 
 @dataclass
@@ -46,6 +61,8 @@ class QualityGuard:
     layers: Dict[LayerKey, LayerRecord] = field(default_factory=dict)
     model_calls: int = 0  # model calls of this run so far
     calibrated: bool = False  # the first model call of the run is over
+    reuse_on: bool = False  # some layer measured with a refresh-mode cache this run
+    table_logged: bool = False
 
     @property
     def active(self) -> bool:
@@ -55,20 +72,32 @@ class QualityGuard:
         self.layers.clear()
         self.model_calls = 0
         self.calibrated = False
+        self.reuse_on = False
+        self.table_logged = False
 
     def end_model_call(self) -> Optional[str]:
-        """Count the model call; after the first one of a run, the log table (None otherwise)."""
+        """Count the model call; once per run, the log table (None otherwise): after its first model call, or with
+        the refresh mode after the first model call that leaves no layer waiting for its residual's measurement."""
         self.model_calls += 1
-        if self.calibrated or not self.layers:
+        if not self.layers:
             return None
         self.calibrated = True
+        if self.table_logged or (self.reuse_on and any(self._pending(r) for r in self.layers.values())):
+            return None
+        self.table_logged = True
         return self.table()
 
-    def should_measure(self, key: LayerKey) -> bool:
+    def _pending(self, record: LayerRecord) -> bool:
+        return self.reuse_on and not record.approximate and record.residual is None
+
+    def should_measure(self, key: LayerKey, reuse=None) -> bool:
         if self.measure_only or not self.calibrated or key not in self.layers:
             return True
+        record = self.layers[key]
+        if reuse is not None and self._pending(record) and (reuse.phase == "size" or reuse.allows(key)):
+            return True  # its residual is still to be kept, or to be measured
         layer_keys = list(self.layers)
-        return layer_keys[self.model_calls % len(layer_keys)] == key and self.layers[key].approximate
+        return layer_keys[self.model_calls % len(layer_keys)] == key and record.runs(reuse is not None) != EXACT
 
     def uses_approximation(self, key: LayerKey) -> bool:
         record = self.layers.get(key)
@@ -85,7 +114,34 @@ class QualityGuard:
             return exact_out
         return approximate(None) if self.uses_approximation(key) else exact()
 
-    def record(self, key: LayerKey, query_tokens: int, error: float, cosine: float) -> None:
+    def attend_with_reuse(self, key: LayerKey, query_tokens: int, exact: Callable[[], torch.Tensor],
+                          approximate: Callable[[Optional[torch.Tensor]], torch.Tensor], reuse) -> torch.Tensor:
+        """As ``attend``, choosing among exact, approximation + residual (``reuse``, a reuse.ReuseCache in this
+        model call's phase) and the plain approximation."""
+        self.reuse_on = True
+        if self.should_measure(key, reuse):
+            exact_out = exact()
+            approx_out = approximate(exact_out)
+            kept = reuse.residual(key, approx_out)
+            residual_error = compare(approx_out + kept, exact_out)[0] if kept is not None else None
+            self.record(key, query_tokens, *compare(approx_out, exact_out), residual_error=residual_error)
+            record = self.layers[key]
+            if record.approximate or record.residual is False:
+                reuse.drop(key)  # the plain approximation, or exact: nothing to keep
+            elif reuse.phase == "size":
+                reuse.note_size(key, exact_out)
+            elif reuse.allows(key):
+                reuse.store(key, exact_out, approx_out)
+            return exact_out
+        runs = self.layers[key].runs(reuse.allows(key))
+        if runs == APPROXIMATE:
+            return approximate(None)
+        if runs == RESIDUAL:
+            return reuse.attend(key, exact, approximate)
+        return exact()
+
+    def record(self, key: LayerKey, query_tokens: int, error: float, cosine: float,
+               residual_error: Optional[float] = None) -> None:
         record = self.layers.get(key)
         if record is None:
             record = self.layers[key] = LayerRecord(query_tokens, approximate=True)
@@ -93,13 +149,32 @@ class QualityGuard:
         record.cosines.append(cosine)
         if error > self.max_error:
             record.approximate = False  # over the bound: exact for the rest of the run
+        if residual_error is not None:
+            record.residual_errors.append(residual_error)
+            if record.residual is not False:
+                record.residual = residual_error <= self.max_error  # over it once: exact for the rest of the run
 
     def table(self) -> str:
-        """layer, tokens, measured error, approximate or exact: one line each."""
+        """layer, tokens, measured error, approximate or exact: one line each (with the refresh mode also the error
+        with the residual, and approximate+residual)."""
+        if self.reuse_on:
+            return self._reuse_table()
         lines = ["layer  tokens  rel. error  runs"]
         for (position, _, _), record in self.layers.items():
             lines.append(f"{position:5d}  {record.tokens:6d}  {max(record.errors):10.4f}  "
                          f"{'approximate' if record.approximate else 'exact'}")
         kept = sum(record.approximate for record in self.layers.values())
         lines.append(f"{kept} of {len(self.layers)} layers keep the approximation (max_error={self.max_error:g})")
+        return "\n".join(lines)
+
+    def _reuse_table(self) -> str:
+        lines = ["layer  tokens  rel. error  with residual  runs"]
+        for key, record in self.layers.items():
+            residual = f"{max(record.residual_errors):13.4f}" if record.residual_errors else f"{'-':>13s}"
+            lines.append(f"{str(key[0]):>5s}  {record.tokens:6d}  {max(record.errors):10.4f}  {residual}  "
+                         f"{record.runs(True)}")
+        counts = {runs: sum(r.runs(True) == runs for r in self.layers.values()) for runs in (APPROXIMATE, RESIDUAL)}
+        lines.append(f"{counts[APPROXIMATE]} of {len(self.layers)} layers run the plain approximation, "
+                     f"{counts[RESIDUAL]} the approximation with the residual of their last refresh, the others exact "
+                     f"(max_error={self.max_error:g})")
         return "\n".join(lines)

@@ -30,6 +30,7 @@ from .comfy_call import ComfyAttentionCall, read_call
 from .families import (ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family,
                        reference_tokens)
 from .guard import QualityGuard
+from .reuse import GIB, ReuseCache
 
 logger = logging.getLogger("efficient_attention_pop")
 
@@ -54,6 +55,8 @@ class PatchSettings:
     mask_mode: str = "isolate regions"
     options: Dict[str, object] = field(default_factory=dict)  # the chosen backend's options (e.g. downsample)
     max_error: float = 0.0  # quality guard bound on an approximation's per-layer relative error; 0 = off
+    refresh: int = 0  # approximations: exact attention every `refresh` steps, its residual reused between; 0 = off
+    cache_gb: float = 8.0  # the refresh mode's budget for the residuals it keeps, GiB (per device)
 
     def __post_init__(self):
         if self.backend != "auto" and self.backend not in BACKENDS:
@@ -65,6 +68,8 @@ class PatchSettings:
         if self.mask is not None and (not isinstance(self.mask, torch.Tensor) or self.mask.ndim not in (2, 3)):
             shape = tuple(self.mask.shape) if isinstance(self.mask, torch.Tensor) else type(self.mask).__name__
             raise ValueError(f"Mask of shape {shape}: expected ComfyUI's [B, H, W] or [H, W] MASK")
+        if self.refresh < 0 or self.cache_gb < 0:
+            raise ValueError(f"refresh and cache_gb must be >= 0; got refresh={self.refresh}, cache_gb={self.cache_gb}")
         if self.heads < 0 or self.min_tokens < 0 or not 0.0 <= self.strength <= 1.0 or self.max_error < 0:
             raise ValueError(f"heads, min_tokens and max_error must be >= 0 and strength in [0, 1]; got "
                              f"heads={self.heads}, min_tokens={self.min_tokens}, max_error={self.max_error}, "
@@ -125,6 +130,7 @@ class AttentionPatch:
         # Per device: ComfyUI may sample one model on several GPUs at once with deep copies of the patcher, which
         # share this object; a device's guard measurements and decisions, and its run, are its own.
         self.guards: Dict[str, QualityGuard] = {}
+        self.caches: Dict[str, ReuseCache] = {}  # device -> the refresh mode's residuals (settings.refresh > 0)
         self._runs: Dict[str, object] = {}  # device -> the schedule of its sampling run in progress
         self._summarised_runs: Dict[str, object] = {}  # device -> the run whose served-calls summary was logged
 
@@ -136,6 +142,15 @@ class AttentionPatch:
         if device not in self.guards:
             self.guards[device] = QualityGuard(self.settings.max_error)
         return self.guards[device]
+
+    def cache_for(self, device: str) -> Optional[ReuseCache]:
+        """The refresh mode's cache of one device; None where the mode is off or the backend is exact."""
+        settings = self.settings
+        if not settings.refresh or settings.backend == "auto" or BACKENDS[settings.backend].exact:
+            return None
+        if device not in self.caches:
+            self.caches[device] = ReuseCache(settings.refresh, settings.cache_gb * GIB)
+        return self.caches[device]
 
     # ---- once per model call ----
     def begin_model_call(self, latent: torch.Tensor, sigmas, context, extra_conds: dict,
@@ -154,10 +169,20 @@ class AttentionPatch:
                 context_tokens.add(extra.shape[-2])
         device = str(latent.device)
         guard = self.guard_for(device)
+        cache = self.cache_for(device)
         if transformer_options.get("sample_sigmas") is not self._runs.get(device, self):
             self._runs[device] = transformer_options.get("sample_sigmas")  # a new sampling run on this device
             if guard.active:
                 guard.start_run()  # calibrate again
+            if cache is not None:
+                cache.start_run()
+        if cache is not None:
+            cache.phase = "off"
+            if active:  # a step of the refresh mode: a model call inside the schedule window
+                # cond and uncond in separate model calls (or conds that do not batch) keep their residuals apart
+                stream = (tuple(transformer_options.get("cond_or_uncond") or ()),
+                          tuple(str(uuid) for uuid in transformer_options.get("uuids") or ()))
+                self._refused(cache.begin_model_call(stream, tuple(latent.shape)))
         changing = [keyword for keyword in family.layout_changing_keywords if extra_conds.get(keyword) is not None]
         unplaceable = f"with {changing[0]} its tokens are laid out in a way this pack cannot place" if changing else None
         return ModelCall(tuple(latent.shape), frozenset(context_tokens), text_tokens, active,
@@ -166,6 +191,10 @@ class AttentionPatch:
     def end_model_call(self, model_call: ModelCall) -> None:
         while self._deferred:
             logger.log(*self._deferred.pop(0))
+        cache = self.cache_for(model_call.device)
+        if cache is not None:
+            self._refused(cache.end_model_call())
+            cache.phase = "off"
         guard = self.guard_for(model_call.device)
         if guard.active:
             table = guard.end_model_call()
@@ -177,6 +206,12 @@ class AttentionPatch:
             self._warn_once("unreached", f"{NODE_NAME}: this {self.family.name} model made no attention call "
                             "through ComfyUI's attention override, so the node has no effect on it (families such "
                             "as Hunyuan-DiT and PixArt call attention without it; see the README)")
+
+    def _refused(self, why: Optional[str]) -> None:
+        if why:
+            self._warn_once(("cache budget", why), f"{NODE_NAME}: {why}: this run uses the plain {self.settings.backend} "
+                            "approximation instead (nothing was kept; raise cache_gb or lower the resolution to use "
+                            "the refresh mode)")
 
     def _summarise(self, model_call: ModelCall) -> None:
         """Once per sampling run and device, at its first model call that served attention: how many of its calls
@@ -346,7 +381,8 @@ class AttentionPatch:
     def _approximation(self, call: ComfyAttentionCall, prepared, name: str, model_call: Optional[ModelCall],
                        skip_output_reshape: bool) -> torch.Tensor:
         """An approximate backend's output, blended by strength and kept only where the quality guard allows."""
-        guard, strength = self.guard_for(model_call.device if model_call else str(call.q.device)), self.settings.strength
+        guard = self.guard_for(model_call.device if model_call is not None else str(call.q.device))
+        strength = self.settings.strength
 
         def exact():
             return run_call(prepared, select_backend(prepared), skip_output_reshape)
@@ -357,6 +393,12 @@ class AttentionPatch:
                 out = torch.lerp(exact() if exact_out is None else exact_out, out, strength)
             return out
 
+        cache = self.cache_for(model_call.device) if model_call is not None else None
+        if cache is not None and cache.phase != "off":  # the refresh mode (reuse.py)
+            key = (model_call.next_served_call(), call.query_tokens, call.key_tokens, cache.stream)
+            if guard.active:
+                return guard.attend_with_reuse(key, call.query_tokens, exact, approximate, cache)
+            return cache.attend(key, exact, approximate)
         if not guard.active or model_call is None:
             return approximate()
         key = (model_call.next_served_call(), call.query_tokens, call.key_tokens)

@@ -1,0 +1,160 @@
+"""Refresh mode: reuse, between steps, what exact attention measured in an earlier step of the sampling run.
+
+In the spirit of DiTFastAttn's "window attention with residual sharing" (Yuan et al., NeurIPS 2024), written
+here from the idea. Diffusion sampling calls the same attention layers once per step with slowly changing
+inputs, so the difference between exact attention and an approximation changes slowly too. Every ``refresh``
+steps a layer computes both, keeps their difference (the residual, exact - approximation) and returns the exact
+output; in the steps in between it computes only the approximation and adds the residual it kept.
+
+- A step is one model call. Layers are told apart as the quality guard tells them apart (the n-th served call
+  of the model call, with its query and key counts) and by the call's stream: the cond/uncond chunks the model
+  call carries (cond_or_uncond), so where a sampler runs cond and uncond in separate model calls their residuals
+  and their step counts stay apart. One cache per device (the patch keeps them), like the guard.
+- Memory is a budget. A stream's residuals are sized in its first model call of a run with an unknown size
+  (the sizing step: its served layers run exact and note the size of their output, nothing is kept), then the
+  stream is accepted only if every accepted stream's residuals fit ``budget_bytes``; a refused stream runs the
+  plain approximation for the whole run, and the patch logs the reason with the numbers. Nothing is allocated
+  before the decision, so a cache that would not fit never runs the device out of memory mid-sampling. The
+  sizes are remembered per stream and latent shape, so a later run of the same shape needs no sizing step.
+- Residuals are kept in the dtype of the attention output (the compute dtype: bf16/fp16 on GPU, fp32 on CPU).
+
+``reuse="output"`` (measured in the quality benchmark, not offered by the node: see docs/quality.md) keeps the
+exact output itself and returns it unchanged in the steps in between, computing nothing.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, Optional, Tuple
+
+import torch
+
+SIZE, REFRESH, REUSE, OFF = "size", "refresh", "reuse", "off"  # what a model call's layers do
+REUSE_KINDS = ("residual", "output")
+GIB = float(1 << 30)
+
+
+def cache_bytes(layers: int, batch: int, tokens: int, channels: int, bytes_per_value: int) -> int:
+    """What the residuals of ``layers`` attention layers hold: one (batch, tokens, channels) tensor each."""
+    return layers * batch * tokens * channels * bytes_per_value
+
+
+class ReuseCache:
+    """The refresh mode's state on one device: per stream, the steps of the run so far; per layer, its residual."""
+
+    def __init__(self, refresh: int, budget_bytes: float, reuse: str = "residual"):
+        if refresh < 1:
+            raise ValueError(f"refresh must be >= 1 (0 turns the mode off and needs no cache); got {refresh}")
+        if reuse not in REUSE_KINDS:
+            raise ValueError(f"reuse must be one of {REUSE_KINDS}; got {reuse!r}")
+        self.refresh = refresh
+        self.budget_bytes = budget_bytes
+        self.reuse = reuse
+        self.kept: Dict[Hashable, torch.Tensor] = {}  # layer key -> residual (or exact output)
+        self.steps: Dict[Hashable, int] = {}  # stream -> model calls of this run so far
+        self.offsets: Dict[Hashable, int] = {}  # stream -> 1 where its first call of this run was the sizing step
+        self.sizes: Dict[Tuple[Hashable, Hashable], Tuple[int, int]] = {}  # (stream, shape) -> (bytes, layers)
+        self.sized_keys: Dict[Tuple[Hashable, Hashable], frozenset] = {}  # (stream, shape) -> the layers counted
+        self.accepted: Dict[Hashable, int] = {}  # stream -> bytes, the streams this run keeps caches for
+        self.refused: Dict[Hashable, str] = {}  # stream -> why it runs the plain approximation this run
+        self.stream: Hashable = None
+        self.shape: Hashable = None
+        self.phase = OFF
+        self._sizing: Dict[Hashable, int] = {}  # layer key -> bytes, during a sizing step
+
+    # ---- per run and per model call ----
+    def start_run(self) -> None:
+        self.kept.clear()
+        self.steps.clear()
+        self.offsets.clear()
+        self.accepted.clear()
+        self.refused.clear()
+
+    def begin_model_call(self, stream: Hashable, shape: Hashable) -> Optional[str]:
+        """Set what this model call's layers do; returns a warning where the stream's caches are refused."""
+        self.stream, self.shape = stream, shape
+        step = self.steps.get(stream, 0)
+        self.steps[stream] = step + 1
+        warning = None
+        if step == 0:
+            self.offsets[stream] = 0
+            if (stream, shape) not in self.sizes:
+                self.offsets[stream] = 1
+                self._sizing = {}
+                self.phase = SIZE
+                return None
+            warning = self._decide(stream, shape)
+        if stream in self.refused:
+            self.phase = OFF
+        else:
+            self.phase = REFRESH if (step - self.offsets[stream]) % self.refresh == 0 else REUSE
+        return warning
+
+    def end_model_call(self) -> Optional[str]:
+        """After the sizing step: the budget decision (a warning where refused)."""
+        if self.phase != SIZE:
+            return None
+        self.phase = OFF
+        self.sizes[(self.stream, self.shape)] = (sum(self._sizing.values()), len(self._sizing))
+        self.sized_keys[(self.stream, self.shape)] = frozenset(self._sizing)
+        self._sizing = {}
+        return self._decide(self.stream, self.shape)
+
+    def _decide(self, stream: Hashable, shape: Hashable) -> Optional[str]:
+        needed, layers = self.sizes[(stream, shape)]
+        others = sum(self.accepted.values())
+        if needed + others <= self.budget_bytes:
+            self.accepted[stream] = needed
+            return None
+        why = (f"refresh={self.refresh} would keep {needed / GIB:.2f} GiB of residuals for {layers} attention layers"
+               + (f" (+{others / GIB:.2f} GiB for other cond/uncond calls)" if others else "")
+               + f" of latent {shape}, over the cache budget of {self.budget_bytes / GIB:.2f} GiB")
+        self.refused[stream] = why
+        return why
+
+    # ---- per served layer ----
+    def note_size(self, key: Hashable, out: torch.Tensor) -> None:
+        """In the sizing step: what this layer would keep (nothing is allocated)."""
+        self._sizing[key] = out.numel() * out.element_size()
+
+    def allows(self, key: Hashable) -> bool:
+        """Whether this layer may keep a residual now: a refresh or reuse step, and a layer the budget counted."""
+        return self.phase in (REFRESH, REUSE) and key in self.sized_keys.get((self.stream, self.shape), ())
+
+    def residual(self, key: Hashable, like: torch.Tensor) -> Optional[torch.Tensor]:
+        kept = self.kept.get(key)
+        return kept if kept is not None and kept.shape == like.shape else None
+
+    def store(self, key: Hashable, exact_out: torch.Tensor, approx_out: Optional[torch.Tensor]) -> None:
+        if self.reuse == "output":
+            self.kept[key] = exact_out.detach().clone()
+        else:
+            self.kept[key] = (exact_out - approx_out).detach()
+
+    def drop(self, key: Hashable) -> None:
+        self.kept.pop(key, None)
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kept.values())
+
+    def attend(self, key: Hashable, exact: Callable[[], torch.Tensor],
+               approximate: Callable[[Optional[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
+        """One served call of layer ``key`` in this model call's phase (``approximate`` as the guard takes it)."""
+        phase = self.phase
+        if phase == OFF or (phase != SIZE and not self.allows(key)):
+            return approximate(None)  # refused by the budget, or a layer it did not count
+        if phase == SIZE:
+            out = exact()
+            self.note_size(key, out)
+            return out
+        if phase == REUSE:
+            kept = self.kept.get(key)
+            if kept is not None and self.reuse == "output":
+                return kept
+            if kept is not None:
+                out = approximate(None)
+                if out.shape == kept.shape:
+                    return out.add_(kept) if not out.requires_grad else out + kept
+        # a refresh step, or a layer with nothing kept (e.g. new in this step)
+        out = exact()
+        self.store(key, out, None if self.reuse == "output" else approximate(out))
+        return out
