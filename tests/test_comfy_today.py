@@ -202,3 +202,47 @@ def test_sampling_a_flux_model(comfy, flux):
 
 def test_patch_module_is_not_holding_comfy_imports():
     assert "comfy" not in patch_module.__dict__
+
+
+def _left_half():
+    mask = torch.ones(96, 128)  # the latent's image in pixels
+    mask[:, :64] = 0.0
+    return mask
+
+
+def _as_class(patcher, cls):
+    """The same model with its diffusion model's class replaced (a new ComfyUI class reusing known blocks)."""
+    clone = patcher.clone()
+    clone.model.diffusion_model.__class__ = cls
+    return clone
+
+
+def test_a_subclass_inherits_its_family_and_is_verified(flux, flux_inputs, monkeypatch, caplog):
+    flux_class = type(flux.model.diffusion_model)
+    subclass = _as_class(flux, type("NewFluxVariant", (flux_class,), {}))
+    log = CallLog(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="efficient_attention_pop"):
+        run_flux(patched(subclass, backend="todo", mask=_left_half()), *flux_inputs)
+    assert "NewFluxVariant, a subclass of Flux" in caplog.text
+    regions = [c["mask"].region for c in log.calls if c["mask"].region is not None]
+    assert len(regions) == 2 and all((r.key_labels[:, :TEXT_TOKENS] == -1).all() for r in regions)
+    flux.model.diffusion_model.__class__ = flux_class
+
+
+def test_an_unknown_model_runs_exact_and_says_why(flux, flux_inputs, monkeypatch, caplog):
+    flux_class = type(flux.model.diffusion_model)
+    unknown = type("BrandNewDiT", (torch.nn.Module,), {name: value for name, value in vars(flux_class).items()
+                                                     if callable(value) or isinstance(value, property)})
+    reference = run_flux(flux, *flux_inputs)
+    model = _as_class(flux, unknown)
+    log = CallLog(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="efficient_attention_pop"):
+        out = run_flux(patched(model, backend="linear", mask=_left_half()), *flux_inputs)
+        run_flux(patched(model, backend="linear", apply_to="self-attention"), *flux_inputs)
+    flux.model.diffusion_model.__class__ = flux_class
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)  # exact: no approximation, no mask
+    assert set(log.backends()) == {"sdpa"} and all(c["mask"].region is None for c in log.calls)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("linear runs exact on calls of BrandNewDiT" in w for w in warnings)
+    assert any("the mask is not applied" in w and "BrandNewDiT" in w for w in warnings)
+    assert any("cannot tell its self- from its cross-attention calls" in w for w in warnings)  # apply_to: passed on
