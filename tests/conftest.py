@@ -25,7 +25,43 @@ class RepositoryRootIsNotATestPackage:
         return None
 
 
+def collects_the_kernel_tests(config) -> bool:
+    """Whether this run collects tests/test_kernels.py (the whole tests/ folder, or that file)."""
+    for arg in config.args or [HERE]:
+        path = os.path.abspath(os.path.join(str(config.invocation_params.dir), arg.split("::")[0]))
+        if os.path.isdir(path) and os.path.commonpath([path, HERE]) == path:
+            return True
+        if os.path.basename(path) == "test_kernels.py":
+            return True
+    return False
+
+
+def decorate_kernels_for_the_interpreter():
+    """On CPU, tests/test_kernels.py runs the Triton kernels through Triton's interpreter, which Triton fixes when
+    ``triton`` is first imported and each kernel decorated. pytest imports the test modules in name order, and a
+    ComfyUI imported by a test_comfy_* module imports triton (compiling for GPUs), which made test_kernels.py skip
+    all its tests. So triton and the kernel modules are imported here first, with TRITON_INTERPRET=1, and the
+    variable is put back as it was (the other test modules must not see it). With
+    EFFICIENT_ATTENTION_POP_DEVICE=cuda the kernels compile for real, as test_kernels.py expects there."""
+    if os.environ.get("EFFICIENT_ATTENTION_POP_DEVICE", "cpu").startswith("cuda") or "triton" in sys.modules:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+        from efficient_attention_pop.kernels import linear_triton_kernels, masked_triton_kernels  # noqa: F401
+    except ImportError:
+        pass  # no triton: test_kernels.py says so and skips
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
 def pytest_configure(config):
+    if collects_the_kernel_tests(config):
+        decorate_kernels_for_the_interpreter()
     # Registered as a plugin of its own, not a hook of this conftest: pytest collects the root directory with
     # the hooks of the folder above it, where a conftest.py of tests/ (or of the root) does not apply.
     config.pluginmanager.register(RepositoryRootIsNotATestPackage(), "efficient-attention-pop-repository-root")
