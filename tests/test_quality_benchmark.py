@@ -131,3 +131,55 @@ def test_guarded_rows_with_a_tight_bound_reproduce_the_exact_images():
     for row in guarded:
         assert row.max_error == 1e-9 and row.psnr_db >= 60 and row.attn_cosine > 0.99999, row
     assert all(row.psnr_db < 40 for row in rows if not row.max_error)
+
+
+# ---- the refresh mode (nodes/reuse.py): rows timed over whole sampling runs ----
+REFRESH_SETUP = quality.QualitySetup(classes=(1,), steps=6, repeats=1)
+TODO_2 = (("downsample", 2),)
+# todo x2 with refresh=3 at 32 px (REFRESH_SETUP), attention along the exact trajectory, measured once (CPU, fp32):
+# relative L2 0.1047 (plain todo x2: 0.3088); with the residual dropped (zeros) 0.155, with its sign flipped 0.308
+REFRESH_REL_L2, REFRESH_BAND = 0.1047, 0.02
+
+
+@pytest.fixture(scope="module")
+def refresh_rows():
+    rows, _ = quality.run(load_proxy_model(), [32], REFRESH_SETUP, backends=["todo"], refreshes=[1, 3],
+                          options=[{"downsample": 2}], progress=None)
+    return {row["refresh"]: row for row in quality.rows_as_json(rows)}
+
+
+def test_refresh_rows_have_whole_run_speedups_and_what_their_cache_kept(refresh_rows):
+    assert set(refresh_rows) == {0, 1, 3}
+    plain = refresh_rows[0]
+    assert plain["reuse"] == "" and plain["run_attention_speedup"] is None and plain["cache_mib"] is None
+    for refresh in (1, 3):
+        row = refresh_rows[refresh]
+        assert row["reuse"] == "residual" and row["rounds"] == 1
+        for kind in ("attention", "denoiser"):
+            low, high = row[f"run_{kind}_speedup_range"]
+            assert 0 < low <= row[f"run_{kind}_speedup"] <= high and row[f"{kind}_speedup"] == row[f"run_{kind}_speedup"]
+        # 5 layers, each one (2 x 260 x 128) fp32 residual (4 + 256 tokens, cond and uncond batched)
+        assert row["cache_mib"] == pytest.approx(5 * 2 * 260 * 128 * 4 / 2 ** 20)
+
+
+def test_refresh_one_reproduces_the_exact_images(refresh_rows):
+    row = refresh_rows[1]
+    assert row["psnr_db"] >= 60 and row["ssim"] > 0.9999 and row["attn_cosine"] > 0.99999, row
+
+
+def test_refresh_three_keeps_attention_within_its_band(refresh_rows):
+    assert abs(refresh_rows[3]["attn_rel_l2"] - REFRESH_REL_L2) <= REFRESH_BAND, refresh_rows[3]
+    assert refresh_rows[3]["attn_rel_l2"] < 0.5 * refresh_rows[0]["attn_rel_l2"]
+
+
+@pytest.mark.parametrize("broken", ["dropped", "sign flipped"])
+def test_a_broken_residual_falls_outside_the_band(monkeypatch, broken):
+    from efficient_attention_pop.nodes.reuse import ReuseCache
+
+    def store(self, key, exact_out, approx_out):
+        self.kept[key] = torch.zeros_like(exact_out) if broken == "dropped" else approx_out - exact_out
+
+    monkeypatch.setattr(ReuseCache, "store", store)
+    variant = quality.Variant("todo", TODO_2, refresh=3)
+    _, errors = quality.exact_trajectory(load_proxy_model(), REFRESH_SETUP, 32, [variant])
+    assert abs(errors.mean(variant.label)[1] - REFRESH_REL_L2) > REFRESH_BAND
