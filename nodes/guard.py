@@ -126,10 +126,10 @@ class QualityGuard:
             residual_error = compare(approx_out + kept, exact_out)[0] if kept is not None else None
             self.record(key, query_tokens, *compare(approx_out, exact_out), residual_error=residual_error)
             record = self.layers[key]
+            if reuse.phase == "size":
+                reuse.note_size(key, exact_out)  # every layer: one that drifts later may need its residual
             if record.approximate or record.residual is False:
                 reuse.drop(key)  # the plain approximation, or exact: nothing to keep
-            elif reuse.phase == "size":
-                reuse.note_size(key, exact_out)
             elif reuse.allows(key):
                 reuse.store(key, exact_out, approx_out)
             return exact_out

@@ -14,7 +14,8 @@ from efficient_attention_pop.nodes.comfy_call import ComfyAttentionCall
 from efficient_attention_pop.nodes.families import FAMILIES
 from efficient_attention_pop.nodes.guard import APPROXIMATE, EXACT, RESIDUAL, QualityGuard
 from efficient_attention_pop.nodes.patch import AttentionPatch, CallLayouts, PatchSettings
-from efficient_attention_pop.nodes.reuse import GIB, REFRESH, REUSE, SIZE, ReuseCache, cache_bytes
+from efficient_attention_pop.nodes.reuse import (GIB, REFRESH, REUSE, SIZE, ReuseCache, amortised_speedup, cache_bytes,
+                                                  refresh_schedule)
 
 
 class Layer:
@@ -248,3 +249,12 @@ def test_refresh_one_is_exact_attention_on_every_step():
 def test_settings_refuse_negative_refresh_or_budget(bad):
     with pytest.raises(ValueError):
         PatchSettings(backend="todo", **bad)
+
+
+def test_refresh_schedule_and_amortised_speedup():
+    assert refresh_schedule(20, 5) == (0, 4, 16)  # refreshes at 0, 5, 10, 15
+    assert refresh_schedule(20, 5, first_run=True) == (1, 4, 15)  # sizing at 0, refreshes at 1, 6, 11, 16
+    assert refresh_schedule(12, 1) == (0, 12, 0)
+    # the (K - 1) * approx + (exact + approx) per K steps of the issue, where K divides the steps
+    assert amortised_speedup(10.0, 5, 20) == pytest.approx(5 / (4 * 0.1 + 1.1))
+    assert amortised_speedup(10.0, 1, 20) == pytest.approx(1 / 1.1)
