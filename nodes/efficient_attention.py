@@ -88,6 +88,9 @@ INPUTS = [
      "step of a run at a new size measures the need; a run that would exceed the budget runs the plain "
      "approximation instead, with a warning giving the numbers, and never runs out of memory mid-sampling."),
 ]
+# Inputs added after the node was first released: optional, so a workflow or API prompt saved before them still runs
+# (their defaults apply) instead of being refused for a missing required input.
+ADDED_LATER = ("refresh", "cache_gb")
 BACKEND_OPTIONS = {"downsample": ("todo", "window"), "window": ("window",)}  # node input -> backends it is an option of
 MASK_TOOLTIP = ("Optional region mask (white = inside), resized to each attention layer's token grid; it shapes "
                 "image-to-image attention only. Batch 1 applies to every image; a larger batch is matched to the "
@@ -131,11 +134,14 @@ class EfficientAttentionPoP:
     @classmethod
     def INPUT_TYPES(cls):
         required = {"model": ("MODEL", {"tooltip": "The diffusion model to patch."})}
+        optional = {}
         for name, kind, options, tooltip in INPUTS:
             extra = {key: value for key, value in options.items() if key != "options"}
             extra["tooltip"] = tooltip
-            required[name] = (options["options"], extra) if kind == "COMBO" else (kind, extra)
-        return {"required": required, "optional": {"mask": ("MASK", {"tooltip": MASK_TOOLTIP})}}
+            (optional if name in ADDED_LATER else required)[name] = (
+                (options["options"], extra) if kind == "COMBO" else (kind, extra))
+        optional["mask"] = ("MASK", {"tooltip": MASK_TOOLTIP})
+        return {"required": required, "optional": optional}
 
     def patch(self, model, **choices):
         return (apply_efficient_attention(model, **choices),)
@@ -152,9 +158,11 @@ def define_v3_node():
     kinds = {"COMBO": io.Combo, "INT": io.Int, "FLOAT": io.Float, "BOOLEAN": io.Boolean}
 
     def v3_input(name, kind, options, tooltip):
+        optional = name in ADDED_LATER
         if kind == "COMBO":
-            return io.Combo.Input(name, options=options["options"], default=options["default"], tooltip=tooltip)
-        return kinds[kind].Input(name, tooltip=tooltip, **options)
+            return io.Combo.Input(name, options=options["options"], default=options["default"], tooltip=tooltip,
+                                  optional=optional)
+        return kinds[kind].Input(name, tooltip=tooltip, optional=optional, **options)
 
     class EfficientAttentionPoPV3(io.ComfyNode):
         @classmethod

@@ -205,7 +205,7 @@ class AttentionPatch:
         if not model_call.reached:
             self._warn_once("unreached", f"{NODE_NAME}: this {self.family.name} model made no attention call "
                             "through ComfyUI's attention override, so the node has no effect on it (families such "
-                            "as Hunyuan-DiT and PixArt call attention without it; see the README)")
+                            "as Hunyuan-DiT and PixArt call attention without it; see docs/model-families.md)")
 
     def _refused(self, why: Optional[str]) -> None:
         if why:

@@ -172,7 +172,8 @@ def test_v3_node_is_registered_and_behaves_like_the_classic_one(comfy, flux, flu
     assert schema.display_name == "Efficient Attention (PoP)" and schema.category == "model_patches/attention"
     assert [i.id for i in schema.inputs] == ["model", "backend", "downsample", "window", "max_error", "strength",
                                              "apply_to", "min_tokens", "start_percent", "end_percent", "mask_mode",
-                                             "heads", "layernorm", "mask"]
+                                             "heads", "layernorm", "refresh", "cache_gb", "mask"]
+    assert [i.id for i in schema.inputs if i.optional] == ["refresh", "cache_gb", "mask"]  # saved prompts still run
     assert all(i.tooltip for i in schema.inputs)
     classic = node.INPUT_TYPES()  # V3 nodes also answer the classic query
     assert "mask" in classic["optional"] and classic["required"]["backend"][1]["default"] == "auto"

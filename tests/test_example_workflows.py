@@ -24,8 +24,9 @@ def load(path):
 
 def our_widgets():
     """(name, kind, options) of the node's widgets, in the order the frontend lays them out."""
-    required = EfficientAttentionPoP.INPUT_TYPES()["required"]
-    return [(name, kind, options) for name, (kind, options) in required.items() if name != "model"]
+    types = EfficientAttentionPoP.INPUT_TYPES()  # required widgets first, then the optional ones (not the mask)
+    return [(name, kind, options) for name, (kind, options) in {**types["required"], **types["optional"]}.items()
+            if name not in ("model", "mask")]
 
 
 def test_there_are_examples_for_images_and_video():

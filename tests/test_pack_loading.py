@@ -61,9 +61,9 @@ def test_input_types_have_every_option_with_a_tooltip():
     types = node.INPUT_TYPES()
     required, optional = types["required"], types["optional"]
     assert list(required) == ["model", "backend", "downsample", "window", "max_error", "strength", "apply_to",
-                              "min_tokens", "start_percent", "end_percent", "mask_mode", "heads", "layernorm",
-                              "refresh", "cache_gb"]
-    assert list(optional) == ["mask"] and optional["mask"][0] == "MASK"
+                              "min_tokens", "start_percent", "end_percent", "mask_mode", "heads", "layernorm"]
+    # added after the first release: optional, so prompts saved before them still run; widgets in the same order
+    assert list(optional) == ["refresh", "cache_gb", "mask"] and optional["mask"][0] == "MASK"
     assert required["model"][0] == "MODEL"
     backends = required["backend"][0]
     assert backends[:4] == ["auto", "sdpa", "masked", "linear"] and required["backend"][1]["default"] == "auto"
