@@ -257,16 +257,6 @@ def time_denoiser(model, setup: QualitySetup, size: int, measured: List[Variant]
     functions.update((variant.label, variant.attention_fn()) for variant in measured)
     times: Dict[str, List[Tuple[float, float]]] = {label: [] for label in functions}
 
-    def timed(function, spent):
-        def run(q, k, v, layout, layer_index):
-            _sync(device)
-            start = time.perf_counter()
-            out = function(q, k, v, layout, layer_index)
-            _sync(device)
-            spent[0] += time.perf_counter() - start
-            return out
-        return run
-
     labels_in_order = list(functions)
     with torch.no_grad():
         for round_index in range(setup.repeats + 1):
@@ -277,11 +267,23 @@ def time_denoiser(model, setup: QualitySetup, size: int, measured: List[Variant]
                 spent = [0.0]
                 _sync(device)
                 start = time.perf_counter()
-                model(x, t, labels, attention_fn=timed(functions[label], spent))
+                model(x, t, labels, attention_fn=_timed(functions[label], spent, device))
                 _sync(device)
                 if round_index:  # round 0 warms up
                     times[label].append((spent[0], time.perf_counter() - start))
     return times
+
+
+def _timed(function, spent: List[float], device):
+    """``function`` as an attention function that adds the seconds it takes to ``spent[0]``."""
+    def run(q, k, v, layout, layer_index):
+        _sync(device)
+        start = time.perf_counter()
+        out = function(q, k, v, layout, layer_index)
+        _sync(device)
+        spent[0] += time.perf_counter() - start
+        return out
+    return run
 
 
 def time_runs(model, setup: QualitySetup, size: int, measured: List[Variant], progress=None
@@ -308,14 +310,7 @@ def time_runs(model, setup: QualitySetup, size: int, measured: List[Variant], pr
             if hasattr(function, "new_run"):
                 function.new_run()
 
-            def timed(q, k, v, layout, layer_index, function=function, spent=spent):
-                _sync(device)
-                start = time.perf_counter()
-                out = function(q, k, v, layout, layer_index)
-                _sync(device)
-                spent[0] += time.perf_counter() - start
-                return out
-
+            timed = _timed(function, spent, device)
             _sync(device)
             start = time.perf_counter()
             result = sample(model, setup, size, timed)
