@@ -416,7 +416,7 @@ class AttentionPatch:
             return f"{self.family.name} where {layouts.problem}"
         return None
 
-    def _backend_for(self, call: ComfyAttentionCall, prepared, unverified: Optional[str] = None) -> str:
+    def _backend_for(self, call: ComfyAttentionCall, prepared, unverified: Optional[str]) -> str:
         """The chosen backend where it may and can serve the call; else the fastest exact one (auto).
 
         ``unverified``: why an approximation may not serve this call (see _unverified)."""
@@ -637,7 +637,8 @@ def patch_model(model, settings: PatchSettings):
                        "keys) and has no separate cross-attention; apply_to=cross-attention patches nothing",
                        NODE_NAME, family.name)
     logger.info("%s: patched %s (%s) via %s; backend=%s (min_tokens=%d, other calls auto), heads=%s, layernorm=%s, "
-                "apply_to=%s, strength=%.2f, sigma window [%.4g, %.4g], mask=%s", NODE_NAME, family.name, family.recognised_as, mechanism,
+                "apply_to=%s, strength=%.2f, sigma window [%.4g, %.4g], mask=%s", NODE_NAME, family.name,
+                family.recognised_as, mechanism,
                 settings.backend, settings.min_tokens, settings.heads or "model's", settings.layernorm,
                 settings.apply_to, settings.strength, settings.sigma_end, settings.sigma_start,
                 "none" if settings.mask is None else f"{tuple(settings.mask.shape)} {settings.mask_mode}")
