@@ -30,7 +30,7 @@ from .comfy_call import ComfyAttentionCall, read_call
 from .families import (ModelCall, ModelFamily, attention_widths, call_layout, is_self_attention, model_family,
                        reference_tokens)
 from .guard import QualityGuard
-from .reuse import GIB, ReuseCache
+from .reuse import GIB, OFF, ReuseCache
 
 logger = logging.getLogger("efficient_attention_pop")
 
@@ -177,7 +177,7 @@ class AttentionPatch:
             if cache is not None:
                 cache.start_run()
         if cache is not None:
-            cache.phase = "off"
+            cache.phase = OFF
             if active:  # a step of the refresh mode: a model call inside the schedule window
                 # cond and uncond in separate model calls (or conds that do not batch) keep their residuals apart
                 stream = (tuple(transformer_options.get("cond_or_uncond") or ()),
@@ -194,7 +194,7 @@ class AttentionPatch:
         cache = self.cache_for(model_call.device)
         if cache is not None:
             self._refused(cache.end_model_call())
-            cache.phase = "off"
+            cache.phase = OFF
         guard = self.guard_for(model_call.device)
         if guard.active:
             table = guard.end_model_call()
@@ -394,7 +394,7 @@ class AttentionPatch:
             return out
 
         cache = self.cache_for(model_call.device) if model_call is not None else None
-        if cache is not None and cache.phase != "off":  # the refresh mode (reuse.py)
+        if cache is not None and cache.phase != OFF:  # the refresh mode (reuse.py)
             key = (model_call.next_served_call(), call.query_tokens, call.key_tokens, cache.stream)
             if guard.active:
                 return guard.attend_with_reuse(key, call.query_tokens, exact, approximate, cache)

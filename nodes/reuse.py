@@ -146,17 +146,21 @@ class ReuseCache:
             out = exact()
             self.note_size(key, out)
             return out
+        approx_out = None
         if phase == REUSE:
-            kept = self.kept.get(key)
-            if kept is not None and self.reuse == "output":
-                return kept
-            if kept is not None:
-                out = approximate(None)
-                if out.shape == kept.shape:
-                    return out.add_(kept) if not out.requires_grad else out + kept
-        # a refresh step, or a layer with nothing kept (e.g. new in this step)
+            if self.reuse == "output" and key in self.kept:
+                return self.kept[key]
+            if self.reuse == "residual":
+                approx_out = approximate(None)
+                kept = self.residual(key, approx_out)
+                if kept is not None:
+                    return approx_out.add_(kept) if not approx_out.requires_grad else approx_out + kept
+        # a refresh step, or a layer with nothing kept that fits (e.g. new in this step): the approximation computed
+        # above is the one the residual is taken against
         out = exact()
-        self.store(key, out, None if self.reuse == "output" else approximate(out))
+        if self.reuse == "residual" and approx_out is None:
+            approx_out = approximate(out)
+        self.store(key, out, approx_out)
         return out
 
 
