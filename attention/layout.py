@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 MAX_DOWNSAMPLE_LEVELS = 6
 
@@ -37,6 +37,16 @@ def _halvings(height: int, width: int):
         height, width = math.ceil(height / 2), math.ceil(width / 2)
 
 
+def patch_grid(latent_shape: Sequence[int], patch: Tuple[int, int, int]) -> Optional[TokenLayout]:
+    """The token grid a DiT cuts a (B, C, H, W) or (B, C, T, H, W) latent into with ``patch`` (frames, height,
+    width) latent cells per token, each axis padded up to its patch; None for a latent of another rank."""
+    if len(latent_shape) not in (4, 5):
+        return None
+    frames = latent_shape[2] if len(latent_shape) == 5 else 1
+    pt, ph, pw = patch
+    return TokenLayout(math.ceil(frames / pt), math.ceil(latent_shape[-2] / ph), math.ceil(latent_shape[-1] / pw))
+
+
 def find_token_layout(latent_shape: Sequence[int], tokens: int, patch_size: Optional[int] = None,
                       others_first: Optional[bool] = None, text_tokens: Optional[int] = None,
                       temporal_patch: int = 1) -> Optional[TokenLayout]:
@@ -51,15 +61,13 @@ def find_token_layout(latent_shape: Sequence[int], tokens: int, patch_size: Opti
     """
     if len(latent_shape) not in (4, 5):
         return None
-    frames = latent_shape[2] if len(latent_shape) == 5 else 1
-    height, width = latent_shape[-2], latent_shape[-1]
     if patch_size is None:
-        for h, w in _halvings(height, width):
+        frames = latent_shape[2] if len(latent_shape) == 5 else 1
+        for h, w in _halvings(latent_shape[-2], latent_shape[-1]):
             if frames * h * w == tokens:
                 return TokenLayout(frames, h, w)
         return None
-    grid = TokenLayout(math.ceil(frames / temporal_patch), math.ceil(height / patch_size),
-                       math.ceil(width / patch_size))
+    grid = patch_grid(latent_shape, (temporal_patch, patch_size, patch_size))
     others = tokens - grid.image_tokens
     if others < 0 or (others > 0 and others_first is None):
         return None

@@ -107,16 +107,15 @@ def measure(comfy, model, variant, positive, negative, size, steps, seed, exact_
     from ..nodes.patch import PatchSettings, patch_model
 
     settings = PatchSettings(backend=variant.backend, options=dict(variant.options))
-    probe = patch_model(model, settings)
-    patch = probe.model_options["transformer_options"]["optimized_attention_override"].patch
-    guard = patch.guard_for(str(model.load_device))
-    guard.measure_only = True  # every served call computes the variant beside exact and returns exact
-    sample_latent(comfy, probe, positive, negative, size, steps, seed)
-    layers = list(guard.layers.values())
+    measurements = []  # every served call computes the variant beside exact and returns exact
+    sample_latent(comfy, patch_model(model, settings, measurements), positive, negative, size, steps, seed)
+    layers = {}
+    for key, _, error, cosine in measurements:
+        layers.setdefault(key, []).append((error, cosine))
     if not layers:
         raise SystemExit(f"error: no attention call of this model was served by {variant.label}")
-    cosines = [statistics.fmean(record.cosines) for record in layers]
-    errors = [statistics.fmean(record.errors) for record in layers]
+    cosines = [statistics.fmean(cosine for _, cosine in records) for records in layers.values()]
+    errors = [statistics.fmean(error for error, _ in records) for records in layers.values()]
     latent = sample_latent(comfy, patch_model(model, settings), positive, negative, size, steps, seed)
     return ComfyQualityRow(variant.backend, dict(variant.options), BACKENDS[variant.backend].exact, size, len(layers),
                            statistics.fmean(cosines), statistics.fmean(errors), max(errors),

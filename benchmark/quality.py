@@ -82,47 +82,37 @@ class Variant:
         return guarded
 
     def _refreshed(self, run: Callable) -> Callable:
-        """The refresh mode as the node runs it (nodes/reuse.py; one model call = one step, one stream: the proxy
-        batches cond and uncond), under the guard where max_error > 0; no budget limit (the proxy's caches are
-        small: 5 layers of (2B, N, 128))."""
+        """The refresh mode as the node runs it (nodes/approximation.py and reuse.py; one model call = one step, one
+        stream: the proxy batches cond and uncond), under the guard where max_error > 0; no budget limit (the
+        proxy's caches are small: 5 layers of (2B, N, 128))."""
+        from ..nodes.approximation import ApproximationServer
         from ..nodes.guard import QualityGuard
         from ..nodes.reuse import ReuseCache
 
-        cache = ReuseCache(self.refresh, float("inf"), self.reuse)
-        guard = QualityGuard(self.max_error) if self.max_error else None
-        model_calls = [0]
-
-        def refreshed(q, k, v, layout, layer_index):
-            if layer_index == 0:  # the model starts its next call
-                if model_calls[0]:
-                    cache.end_model_call()
-                    if guard is not None:
-                        guard.end_model_call()
-                model_calls[0] += 1
-                cache.begin_model_call("batch", tuple(q.shape))
-            key = (layer_index, q.shape[2], k.shape[2], "batch")
-
-            def exact():
-                return F.scaled_dot_product_attention(q, k, v)
-
-            def approximate(exact_out):
-                return run(q, k, v, layout, layer_index)
-
-            if guard is not None:
-                return guard.attend_with_reuse(key, q.shape[2], exact, approximate, cache)
-            return cache.attend(key, exact, approximate)
+        sizes = {}  # what the node keeps across runs: the residual sizes
+        state = {}
 
         def new_run():  # a new sampling run in the node: the cache and guard start again, the sizes stay known
-            if model_calls[0]:
-                cache.end_model_call()
-                if guard is not None:
-                    guard.end_model_call()
-            model_calls[0] = 0
-            cache.start_run()
-            if guard is not None:
-                guard.start_run()
+            if state.get("model_calls"):
+                state["server"].end_model_call()
+            state["server"] = ApproximationServer(QualityGuard(self.max_error) if self.max_error else None,
+                                                  ReuseCache(self.refresh, float("inf"), self.reuse, sizes))
+            state["model_calls"] = 0
+            refreshed.cache, refreshed.guard = state["server"].cache, state["server"].guard
 
-        refreshed.cache, refreshed.guard, refreshed.new_run = cache, guard, new_run  # for time_runs, tests, the table
+        def refreshed(q, k, v, layout, layer_index):
+            server = state["server"]
+            if layer_index == 0:  # the model starts its next call
+                if state["model_calls"]:
+                    server.end_model_call()
+                state["model_calls"] += 1
+                server.begin_model_call("batch", tuple(q.shape), True)
+            return server.serve((layer_index, q.shape[2], k.shape[2]), q.shape[2],
+                                lambda: F.scaled_dot_product_attention(q, k, v),
+                                lambda exact_out: run(q, k, v, layout, layer_index))
+
+        new_run()
+        refreshed.new_run = new_run  # for time_runs, tests, the table
         return refreshed
 
 

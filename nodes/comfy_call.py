@@ -9,7 +9,7 @@ keywords (``scale``, ``enable_gqa``, ``low_precision_attention``) beside unknown
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -19,19 +19,21 @@ POSITIONAL = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", 
 
 @dataclass(frozen=True)
 class ComfyAttentionCall:
-    """One call's arguments. q (B, N, H*D) and k/v (B, M, ...), or (B, H, N, D) with ``skip_reshape``."""
+    """One call's arguments. q (B, N, H*D) and k/v (B, M, ...), or (B, H, N, D) with ``skip_reshape``;
+    ``mask`` as the caller passed it; ``low_precision_allowed`` False where the caller demands full-precision
+    attention; ``transformer_options`` the caller's (empty where it passed none)."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     heads: int
-    mask: Optional[torch.Tensor]
-    skip_reshape: bool
-    skip_output_reshape: bool
-    scale: Optional[float]
-    enable_gqa: bool
-    low_precision_allowed: bool  # False when the caller demands full-precision attention
-    transformer_options: dict
+    mask: Optional[torch.Tensor] = None
+    skip_reshape: bool = False
+    skip_output_reshape: bool = False
+    scale: Optional[float] = None
+    enable_gqa: bool = False
+    low_precision_allowed: bool = True
+    transformer_options: dict = field(default_factory=dict)
 
     @property
     def token_axis(self) -> int:
@@ -76,6 +78,8 @@ def read_call(args: tuple, kwargs: dict) -> Optional[ComfyAttentionCall]:
         return None
     options = kwargs.get("transformer_options")
     return ComfyAttentionCall(
-        q, k, v, heads, mask, skip_reshape, bool(named.get("skip_output_reshape", False)), kwargs.get("scale"),
-        bool(kwargs.get("enable_gqa", False)), kwargs.get("low_precision_attention", True) is not False,
-        options if isinstance(options, dict) else {})
+        q, k, v, heads, mask=mask, skip_reshape=skip_reshape,
+        skip_output_reshape=bool(named.get("skip_output_reshape", False)), scale=kwargs.get("scale"),
+        enable_gqa=bool(kwargs.get("enable_gqa", False)),
+        low_precision_allowed=kwargs.get("low_precision_attention", True) is not False,
+        transformer_options=options if isinstance(options, dict) else {})

@@ -1,19 +1,19 @@
-"""What the node knows about ComfyUI's model families: where an attention call's image tokens are, and
-which calls are self- and which are cross-attention.
+"""What is this call: the model's family, what one model call tells its attention calls, and for one attention
+call where its image tokens are, whether it is self- or cross-attention, and whether the mask applies to it.
 
-Read from each family's model code in ComfyUI (see docs/model-families.md). Importing this needs no ComfyUI:
-families are recognised by the class names of the diffusion model's class hierarchy, and every layout is checked
-against what the call and the model show.
+Read from each family's model code in ComfyUI (see docs/model-families.md), every family rule beside FAMILIES.
+Importing this needs no ComfyUI: families are recognised by the class names of the diffusion model's class
+hierarchy, and every layout is checked against what the call and the model show.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Hashable, Optional, Tuple
 
 import torch
 
-from ..attention.layout import TokenLayout, find_token_layout
+from ..attention.layout import TokenLayout, find_token_layout, patch_grid
+from .settings import PatchSettings
 
 
 @dataclass(frozen=True)
@@ -169,6 +169,7 @@ def model_family(diffusion_model) -> ModelFamily:
     return family
 
 
+# ---- one call of the diffusion model ----
 @dataclass
 class ModelCall:
     """What one call of the diffusion model tells its attention calls, decided once per model call.
@@ -188,7 +189,7 @@ class ModelCall:
     reached: bool = False  # some attention call of this model call reached the override
     tied_calls: Dict[int, int] = field(default_factory=dict)  # calls per token count where self/cross tie
     served_calls: int = 0  # calls the node's approximation was asked for so far (the quality guard's layer index)
-    device: str = "cpu"  # where this model call runs (caches and guard decisions are per device)
+    device: str = "cpu"  # where this model call runs (a sampling run's state is per device)
     calls: int = 0  # attention calls the node served in this model call
     approximated: int = 0  # of those, calls an approximate backend ran
 
@@ -210,6 +211,89 @@ class ModelCall:
         seen = self.tied_calls.get(tokens, 0)
         self.tied_calls[tokens] = seen + 1
         return seen % 2 == 0
+
+
+def read_model_call(family: ModelFamily, settings: PatchSettings, latent: torch.Tensor, sigmas, context,
+                    extra_conds: dict) -> ModelCall:
+    """What every attention call of one model call reads: the only place a tensor becomes a number (the sigma, for
+    the schedule window), so the per-call path neither synchronises the device nor breaks a compiled graph.
+
+    latent: (B, C, [T,] H, W); context: c_crossattn (B, L, C) or None; extra_conds: apply_model's keywords."""
+    active = True
+    if not settings.full_window and isinstance(sigmas, torch.Tensor) and sigmas.numel():
+        active = settings.active_at(float(sigmas.flatten()[0]))
+    text_tokens = context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
+    context_tokens = set(family.fixed_context_tokens) | ({text_tokens} if text_tokens is not None else set())
+    for keyword in family.context_keywords:
+        extra = extra_conds.get(keyword)
+        if isinstance(extra, torch.Tensor) and extra.ndim >= 2:
+            context_tokens.add(extra.shape[-2])
+    changing = [keyword for keyword in family.layout_changing_keywords if extra_conds.get(keyword) is not None]
+    unplaceable = f"with {changing[0]} its tokens are laid out in a way this pack cannot place" if changing else None
+    return ModelCall(tuple(latent.shape), frozenset(context_tokens), text_tokens, active,
+                     reference_tokens(family, extra_conds), unplaceable, device=str(latent.device))
+
+
+def reference_tokens(family: ModelFamily, conds: dict) -> int:
+    """Tokens of a model call's reference latents (``family.reference_keyword``), each cut like the image."""
+    references = conds.get(family.reference_keyword) if family.reference_keyword else None
+    if isinstance(references, torch.Tensor):
+        references = [references]
+    total = 0
+    for latent in references or ():
+        grid = patch_grid(tuple(latent.shape), family.patch_size) if isinstance(latent, torch.Tensor) else None
+        total += grid.image_tokens if grid is not None else 0
+    return total
+
+
+# ---- one attention call ----
+@dataclass(frozen=True)
+class CallPlacement:
+    """What one attention call is, from what it and its model call show.
+
+    query, key: where the image tokens are among the queries and among the keys (None: not placed).
+    self_attention: keys from the queries' own sequence (None: cannot be told, a model the pack does not know).
+    problem: why the tokens could not be placed where they did not add up (None where nothing was wrong).
+    exact_only: why no approximation may serve the call (None: one may).
+    """
+
+    query: Optional[TokenLayout]
+    key: Optional[TokenLayout]
+    self_attention: Optional[bool]
+    problem: Optional[str] = None
+    exact_only: Optional[str] = None
+
+
+def place_call(family: ModelFamily, query_tokens: int, key_tokens: int, model_call: Optional[ModelCall],
+               transformer_options: Optional[dict] = None, self_attention: Optional[bool] = None) -> CallPlacement:
+    """Where this call's image tokens are, whether it is self-attention (``self_attention`` where the caller knows
+    it: attn1/attn2 replace patches), and whether an approximation may serve it. Without a model call (the model
+    called outside a sampler) nothing is placed."""
+    query, key, problem = _layouts(family, query_tokens, key_tokens, model_call, transformer_options or {})
+    is_self = self_attention
+    if is_self is None:
+        query_is_image = None if family.mask_unsupported or model_call is None else query is not None
+        is_self = is_self_attention(family, query_tokens, key_tokens, model_call, query_is_image, key is not None)
+    if not family.known:
+        exact_only = f"{family.recognised_as}, whose token layout this pack cannot verify"
+    else:  # what the model does where its tokens do not add up is not what the pack knows
+        exact_only = f"{family.name} where {problem}" if is_self and problem else None
+    return CallPlacement(query, key, is_self, problem, exact_only)
+
+
+def _layouts(family: ModelFamily, query_tokens: int, key_tokens: int, model_call: Optional[ModelCall],
+             options: dict) -> Tuple[Optional[TokenLayout], Optional[TokenLayout], Optional[str]]:
+    """(query layout, key layout, problem) of one call."""
+    if model_call is not None and model_call.unplaceable:
+        return None, None, model_call.unplaceable
+    key, problem = call_layout(family, key_tokens, model_call, options)
+    query = key
+    if query_tokens != key_tokens:
+        query, query_problem = call_layout(family, query_tokens, model_call, options)
+        problem = problem or query_problem
+    if key is None and family.keys_append_text and query is not None and key_tokens > query_tokens:
+        key, problem = replace(query, after=query.after + key_tokens - query_tokens), None  # Cascade: text after
+    return query, key, problem
 
 
 def is_self_attention(family: ModelFamily, query_tokens: int, key_tokens: int, model_call: Optional[ModelCall],
@@ -238,27 +322,6 @@ def is_self_attention(family: ModelFamily, query_tokens: int, key_tokens: int, m
     return keys_are_image  # fewer queries than image keys: merged queries (ToMe)
 
 
-def _patch_grid(latent_shape: Sequence[int], patch: Tuple[int, int, int]) -> Optional[TokenLayout]:
-    """The token grid a DiT cuts a (B, C, H, W) or (B, C, T, H, W) latent into (each axis padded up to its patch)."""
-    if len(latent_shape) not in (4, 5):
-        return None
-    frames = latent_shape[2] if len(latent_shape) == 5 else 1
-    pt, ph, pw = patch
-    return TokenLayout(math.ceil(frames / pt), math.ceil(latent_shape[-2] / ph), math.ceil(latent_shape[-1] / pw))
-
-
-def reference_tokens(family: ModelFamily, conds: dict) -> int:
-    """Tokens of a model call's reference latents (``family.reference_keyword``), each cut like the image."""
-    references = conds.get(family.reference_keyword) if family.reference_keyword else None
-    if isinstance(references, torch.Tensor):
-        references = [references]
-    total = 0
-    for latent in references or ():
-        grid = _patch_grid(tuple(latent.shape), family.patch_size) if isinstance(latent, torch.Tensor) else None
-        total += grid.image_tokens if grid is not None else 0
-    return total
-
-
 def _round_up(count: int, multiple: Optional[int]) -> int:
     return -(-count // multiple) * multiple if multiple else count
 
@@ -268,10 +331,8 @@ def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall
     """Where the image tokens of a ``tokens``-long self-attention sequence are: (layout, None), or (None, why not).
 
     UNets: the level's ``activations_shape`` (B, C, H, W) where ComfyUI provides it, else the halving of the latent
-    that fits. DiTs: the latent cut by the model's own patch size, with the tokens beside it accounted for, each
-    from evidence: the text of this model call (c_crossattn), reference latents (their own grids, or ComfyUI's
-    ``reference_image_num_tokens``), padding rules, and ComfyUI's ``img_slice`` where it is set. (None, None): the
-    call has no image grid (text refiners, fewer tokens than the image); (None, reason): tokens do not add up.
+    that fits. DiTs: see _dit_layout. (None, None): the call has no image grid (text refiners, fewer tokens than the
+    image); (None, reason): tokens do not add up.
     """
     if model_call is None or not family.known:
         return None, None
@@ -282,16 +343,25 @@ def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall
             height, width = activations[-2:]
             return (TokenLayout(1, height, width) if height * width == tokens else None), None
         return find_token_layout(model_call.latent_shape, tokens), None
-    grid = _patch_grid(model_call.latent_shape, family.patch_size)
+    grid = patch_grid(model_call.latent_shape, family.patch_size)
     if grid is None:
         return None, None
-    image = grid.image_tokens
-    padding = _round_up(image, family.image_padding_multiple) - image
-    others = tokens - image - padding
+    padding = _round_up(grid.image_tokens, family.image_padding_multiple) - grid.image_tokens
+    others = tokens - grid.image_tokens - padding
     if others < 0:
         return None, None
     if others == 0:
         return replace(grid, after=padding), None
+    if family.others_first is False:
+        return replace(grid, after=others + padding), None
+    return _dit_layout(family, grid, tokens, others, padding, model_call, options)
+
+
+def _dit_layout(family: ModelFamily, grid: TokenLayout, tokens: int, others: int, padding: int,
+                model_call: ModelCall, options: dict) -> Tuple[Optional[TokenLayout], Optional[str]]:
+    """A DiT sequence of the image grid, ``others`` tokens beside it and the image's ``padding``, where the family
+    puts other tokens first: each count from evidence, the text of this model call (c_crossattn), reference latents
+    (their own grids, or ComfyUI's ``reference_image_num_tokens``), padding rules, and ComfyUI's ``img_slice``."""
     where = (f"{tokens} tokens with a {grid.frames}x{grid.height}x{grid.width} image grid (latent "
              f"{model_call.latent_shape}, patch {family.patch_size})")
     if family.others_first is None:
@@ -301,8 +371,6 @@ def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall
                   else model_call.reference_tokens)
     references_after = references if family.references_after_image else 0
     references_before = references if family.references_before_image else 0
-    if not family.others_first:
-        return replace(grid, after=others + padding), None
     before = others - references_after
     text = model_call.text_tokens
     if family.text_before_image and text is not None:
@@ -323,30 +391,50 @@ def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall
     return replace(grid, before=before, after=references_after + padding), None
 
 
-HEAD_COUNT_ATTRIBUTES = ("heads", "num_heads", "n_heads", "heads_num", "n_local_heads", "num_attention_heads")
-HEAD_DIM_ATTRIBUTES = ("dim_head", "head_dim", "d_head", "dim_heads", "attention_head_dim")
-QUERY_PROJECTIONS = {"to_q": 1, "q": 1, "q_proj": 1, "wq": 1, "query": 1, "qkv": 3, "to_qkv": 3, "qkv_proj": 3}
+# ---- the node's MASK on one call ----
+@dataclass(frozen=True)
+class MaskVerdict:
+    """Whether the node's MASK applies to one self-attention call, on its ``query`` and ``key`` layouts, or not:
+    ``warning`` (key, message) says why not (None: silently, where the call has no image grid to mask)."""
+
+    query: Optional[TokenLayout] = None
+    key: Optional[TokenLayout] = None
+    warning: Optional[Tuple[Hashable, str]] = None
+
+    @property
+    def applies(self) -> bool:
+        return self.key is not None
 
 
-def attention_widths(diffusion_model) -> frozenset:
-    """The q widths (heads * dim_head) of every attention module of a diffusion model that says them: an
-    integer head count beside a head dim, or beside its query projection (a Linear, or a fused q/k/v one).
-    Empty when none is found, so the node cannot check ``heads`` before sampling."""
-    widths = set()
-    for module in diffusion_model.modules():
-        heads = next((getattr(module, name) for name in HEAD_COUNT_ATTRIBUTES
-                      if isinstance(getattr(module, name, None), int)), None)
-        if not heads or heads <= 0:
-            continue
-        dim = next((getattr(module, name) for name in HEAD_DIM_ATTRIBUTES
-                    if isinstance(getattr(module, name, None), int)), None)
-        if dim:
-            widths.add(heads * dim)
-            continue
-        for name, parts in QUERY_PROJECTIONS.items():
-            projection = getattr(module, name, None)
-            out_features = getattr(projection, "out_features", None)
-            if isinstance(out_features, int) and out_features % parts == 0:
-                widths.add(out_features // parts)
-                break
-    return frozenset(widths)
+def mask_verdict(family: ModelFamily, placement: CallPlacement, model_call: Optional[ModelCall], query_tokens: int,
+                 key_tokens: int, needs_query_places: bool, transformer_options: dict) -> MaskVerdict:
+    """The mask's decline rules, in one place. ``needs_query_places``: the mask mode needs each query's place."""
+    if family.mask_unsupported:
+        return MaskVerdict()  # said once when the node ran
+    if model_call is None:
+        return MaskVerdict(warning=("no-latent", "the latent size is unknown in this call, so the mask is not "
+                                    "applied (was the model called outside a ComfyUI sampler?)"))
+    if model_call.unplaceable:
+        return MaskVerdict(warning=(("unplaceable", model_call.unplaceable), f"the mask is not applied to "
+                                    f"{family.name}: {model_call.unplaceable}"))
+    if placement.key is None:
+        if not placement.problem and (not family.is_unet or without_image_tokens(
+                query_tokens, key_tokens, model_call, transformer_options)):
+            return MaskVerdict()  # fewer tokens than the image (text refiners), or temporal attention: nothing to mask
+        why = placement.problem or f"its {key_tokens} key tokens do not fit the latent {model_call.latent_shape}"
+        return MaskVerdict(warning=(("layout", query_tokens, key_tokens), f"the mask is not applied to such "
+                                    f"{family.name} attention calls: {why}"))
+    if placement.query is None and needs_query_places:
+        return MaskVerdict(warning=(("query-places", query_tokens), f"{query_tokens} of {key_tokens} query tokens in "
+                                    "a self-attention call (merged, e.g. by ToMe): 'isolate regions' needs each "
+                                    "query's place, so the mask is not applied to such calls"))
+    return MaskVerdict(placement.query, placement.key)
+
+
+def without_image_tokens(query_tokens: int, key_tokens: int, model_call: ModelCall, transformer_options: dict) -> bool:
+    """A UNet self-attention call over no image tokens: across video frames (SVD's temporal attention, beside a
+    level of another size), or the text alone."""
+    activations = transformer_options.get("activations_shape")
+    if activations is not None and len(activations) == 4 and query_tokens != activations[-2] * activations[-1]:
+        return True
+    return query_tokens == key_tokens == model_call.text_tokens

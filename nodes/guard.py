@@ -7,12 +7,13 @@ exact output; a layer keeps the approximation afterwards only if its relative L2
 ||approx - exact|| / ||exact||, is within ``max_error``. In each later model call one layer (rotating) is
 measured again and goes back to exact for the rest of the run if it drifted past the bound.
 
-With the refresh mode (reuse.py) the guard chooses per layer among three: the plain approximation where its error
-is within the bound (cheapest: no refresh steps, no memory), else the approximation plus the residual kept from
-the layer's last refresh where that is within the bound, else exact. A layer whose plain approximation is over
-the bound is measured again (exact returned) until it has a residual from an earlier step, then once more to
-measure the approximation plus that residual; the rotating re-measurement covers such layers too, and every
-measurement refreshes the residual it measured. The log table says what each layer runs.
+With the refresh mode (reuse.py; approximation.py combines the two) the guard chooses per layer among three:
+the plain approximation where its error is within the bound (cheapest: no refresh steps, no memory), else the
+approximation plus the residual kept from the layer's last refresh where that is within the bound, else exact. A
+layer whose plain approximation is over the bound is measured again (exact returned) until it has a residual from
+an earlier step, then once more to measure the approximation plus that residual; the rotating re-measurement
+covers such layers too, and every measurement refreshes the residual it measured. The log table says what each
+layer runs. A guard lives for one sampling run.
 """
 from __future__ import annotations
 
@@ -52,12 +53,12 @@ class LayerRecord:
 
 @dataclass
 class QualityGuard:
-    """Per sampling run: which layers may use the approximation. ``max_error`` 0 turns the guard off (the
-    approximation runs everywhere); ``measure_only`` measures every call and always returns exact (for
-    benchmarks)."""
+    """For one sampling run: which layers may use the approximation. ``max_error`` 0 turns the guard off (the
+    approximation runs everywhere); ``measurements`` (a list) makes it measure every call, append (layer key, query
+    tokens, error, cosine) to it and always return exact (for benchmarks)."""
 
     max_error: float
-    measure_only: bool = False
+    measurements: Optional[List[tuple]] = None
     layers: Dict[LayerKey, LayerRecord] = field(default_factory=dict)
     model_calls: int = 0  # model calls of this run so far
     calibrated: bool = False  # the first model call of the run is over
@@ -65,15 +66,12 @@ class QualityGuard:
     table_logged: bool = False
 
     @property
+    def measure_only(self) -> bool:
+        return self.measurements is not None
+
+    @property
     def active(self) -> bool:
         return self.max_error > 0 or self.measure_only
-
-    def start_run(self) -> None:
-        self.layers.clear()
-        self.model_calls = 0
-        self.calibrated = False
-        self.reuse_on = False
-        self.table_logged = False
 
     def end_model_call(self) -> Optional[str]:
         """Count the model call; once per run, the log table (None otherwise): after its first model call, or with
@@ -90,18 +88,30 @@ class QualityGuard:
     def _pending(self, record: LayerRecord) -> bool:
         return self.reuse_on and not record.approximate and record.residual is None
 
-    def should_measure(self, key: LayerKey, reuse=None) -> bool:
+    def should_measure(self, key: LayerKey, residual_possible: Optional[bool] = None) -> bool:
+        """Whether this call of layer ``key`` computes both and returns exact. ``residual_possible``: None without
+        the refresh mode; else whether the layer can have its residual kept or measured in this model call."""
         if self.measure_only or not self.calibrated or key not in self.layers:
             return True
         record = self.layers[key]
-        if reuse is not None and self._pending(record) and (reuse.phase == "size" or reuse.allows(key)):
+        if residual_possible and self._pending(record):
             return True  # its residual is still to be kept, or to be measured
         layer_keys = list(self.layers)
-        return layer_keys[self.model_calls % len(layer_keys)] == key and record.runs(reuse is not None) != EXACT
+        return (layer_keys[self.model_calls % len(layer_keys)] == key
+                and record.runs(residual_possible is not None) != EXACT)
 
     def uses_approximation(self, key: LayerKey) -> bool:
         record = self.layers.get(key)
         return record is not None and record.approximate and not self.measure_only
+
+    def runs(self, key: LayerKey, residual_allowed: bool) -> str:
+        """What layer ``key`` runs when not measured: APPROXIMATE, RESIDUAL or EXACT."""
+        return self.layers[key].runs(residual_allowed)
+
+    def wants_residual(self, key: LayerKey) -> bool:
+        """Whether layer ``key`` may still run the approximation plus a residual (not plain, not exact for good)."""
+        record = self.layers[key]
+        return not record.approximate and record.residual is not False
 
     def attend(self, key: LayerKey, query_tokens: int, exact: Callable[[], torch.Tensor],
                approximate: Callable[[Optional[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
@@ -114,32 +124,6 @@ class QualityGuard:
             return exact_out
         return approximate(None) if self.uses_approximation(key) else exact()
 
-    def attend_with_reuse(self, key: LayerKey, query_tokens: int, exact: Callable[[], torch.Tensor],
-                          approximate: Callable[[Optional[torch.Tensor]], torch.Tensor], reuse) -> torch.Tensor:
-        """As ``attend``, choosing among exact, approximation + residual (``reuse``, a reuse.ReuseCache in this
-        model call's phase) and the plain approximation."""
-        self.reuse_on = True
-        if self.should_measure(key, reuse):
-            exact_out = exact()
-            approx_out = approximate(exact_out)
-            kept = reuse.residual(key, approx_out)
-            residual_error = compare(approx_out + kept, exact_out)[0] if kept is not None else None
-            self.record(key, query_tokens, *compare(approx_out, exact_out), residual_error=residual_error)
-            record = self.layers[key]
-            if reuse.phase == "size":
-                reuse.note_size(key, exact_out)  # every layer: one that drifts later may need its residual
-            if record.approximate or record.residual is False:
-                reuse.drop(key)  # the plain approximation, or exact: nothing to keep
-            elif reuse.allows(key):
-                reuse.store(key, exact_out, approx_out)
-            return exact_out
-        runs = self.layers[key].runs(reuse.allows(key))
-        if runs == APPROXIMATE:
-            return approximate(None)
-        if runs == RESIDUAL:
-            return reuse.attend(key, exact, approximate)
-        return exact()
-
     def record(self, key: LayerKey, query_tokens: int, error: float, cosine: float,
                residual_error: Optional[float] = None) -> None:
         record = self.layers.get(key)
@@ -147,6 +131,8 @@ class QualityGuard:
             record = self.layers[key] = LayerRecord(query_tokens, approximate=True)
         record.errors.append(error)
         record.cosines.append(cosine)
+        if self.measurements is not None:
+            self.measurements.append((key, query_tokens, error, cosine))
         if error > self.max_error:
             record.approximate = False  # over the bound: exact for the rest of the run
         if residual_error is not None:

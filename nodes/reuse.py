@@ -15,7 +15,8 @@ output; in the steps in between it computes only the approximation and adds the 
   stream is accepted only if every accepted stream's residuals fit ``budget_bytes``; a refused stream runs the
   plain approximation for the whole run, and the patch logs the reason with the numbers. Nothing is allocated
   before the decision, so a cache that would not fit never runs the device out of memory mid-sampling. The
-  sizes are remembered per stream and latent shape, so a later run of the same shape needs no sizing step.
+  sizes are numbers remembered per stream and latent shape (``ResidualSizes``, kept by the caller across runs),
+  so a later run of the same shape needs no sizing step. A cache lives for one sampling run.
 - Residuals are kept in the dtype of the attention output (the compute dtype: bf16/fp16 on GPU, fp32 on CPU).
 
 ``reuse="output"`` (measured in the quality benchmark, not offered by the node: see docs/quality.md) keeps the
@@ -23,24 +24,32 @@ exact output itself and returns it unchanged in the steps in between, computing 
 """
 from __future__ import annotations
 
+import enum
 from typing import Callable, Dict, Hashable, Optional, Tuple
 
 import torch
 
-SIZE, REFRESH, REUSE, OFF = "size", "refresh", "reuse", "off"  # what a model call's layers do
 REUSE_KINDS = ("residual", "output")
 GIB = float(1 << 30)
+# (stream, latent shape) -> (bytes, the layer keys counted): what a sizing step measured, kept across runs
+ResidualSizes = Dict[Tuple[Hashable, Hashable], Tuple[int, frozenset]]
 
 
-def cache_bytes(layers: int, batch: int, tokens: int, channels: int, bytes_per_value: int) -> int:
-    """What the residuals of ``layers`` attention layers hold: one (batch, tokens, channels) tensor each."""
-    return layers * batch * tokens * channels * bytes_per_value
+class Phase(enum.Enum):
+    """What a model call's served layers do."""
+
+    OFF = "off"  # the plain approximation: outside the schedule window, or refused by the budget
+    SIZE = "size"  # the sizing step: exact, each layer notes what it would keep
+    REFRESH = "refresh"  # exact, and the residual kept
+    REUSE = "reuse"  # the approximation plus the residual kept
 
 
 class ReuseCache:
-    """The refresh mode's state on one device: per stream, the steps of the run so far; per layer, its residual."""
+    """The refresh mode's state in one sampling run on one device: per stream, the steps of the run so far; per
+    layer, its residual. ``sizes``: what sizing steps measured, shared with the runs before and after."""
 
-    def __init__(self, refresh: int, budget_bytes: float, reuse: str = "residual"):
+    def __init__(self, refresh: int, budget_bytes: float, reuse: str = "residual",
+                 sizes: Optional[ResidualSizes] = None):
         if refresh < 1:
             raise ValueError(f"refresh must be >= 1 (0 turns the mode off and needs no cache); got {refresh}")
         if reuse not in REUSE_KINDS:
@@ -51,23 +60,15 @@ class ReuseCache:
         self.kept: Dict[Hashable, torch.Tensor] = {}  # layer key -> residual (or exact output)
         self.steps: Dict[Hashable, int] = {}  # stream -> model calls of this run so far
         self.offsets: Dict[Hashable, int] = {}  # stream -> 1 where its first call of this run was the sizing step
-        self.sizes: Dict[Tuple[Hashable, Hashable], Tuple[int, int]] = {}  # (stream, shape) -> (bytes, layers)
-        self.sized_keys: Dict[Tuple[Hashable, Hashable], frozenset] = {}  # (stream, shape) -> the layers counted
+        self.sizes: ResidualSizes = {} if sizes is None else sizes
         self.accepted: Dict[Hashable, int] = {}  # stream -> bytes, the streams this run keeps caches for
         self.refused: Dict[Hashable, str] = {}  # stream -> why it runs the plain approximation this run
         self.stream: Hashable = None
         self.shape: Hashable = None
-        self.phase = OFF
+        self.phase = Phase.OFF
         self._sizing: Dict[Hashable, int] = {}  # layer key -> bytes, during a sizing step
 
-    # ---- per run and per model call ----
-    def start_run(self) -> None:
-        self.kept.clear()
-        self.steps.clear()
-        self.offsets.clear()
-        self.accepted.clear()
-        self.refused.clear()
-
+    # ---- per model call ----
     def begin_model_call(self, stream: Hashable, shape: Hashable) -> Optional[str]:
         """Set what this model call's layers do; returns a warning where the stream's caches are refused."""
         self.stream, self.shape = stream, shape
@@ -79,27 +80,27 @@ class ReuseCache:
             if (stream, shape) not in self.sizes:
                 self.offsets[stream] = 1
                 self._sizing = {}
-                self.phase = SIZE
+                self.phase = Phase.SIZE
                 return None
             warning = self._decide(stream, shape)
         if stream in self.refused:
-            self.phase = OFF
+            self.phase = Phase.OFF
         else:
-            self.phase = REFRESH if (step - self.offsets[stream]) % self.refresh == 0 else REUSE
+            self.phase = Phase.REFRESH if (step - self.offsets[stream]) % self.refresh == 0 else Phase.REUSE
         return warning
 
     def end_model_call(self) -> Optional[str]:
         """After the sizing step: the budget decision (a warning where refused)."""
-        if self.phase != SIZE:
+        sized, self.phase = self.phase == Phase.SIZE, Phase.OFF
+        if not sized:
             return None
-        self.phase = OFF
-        self.sizes[(self.stream, self.shape)] = (sum(self._sizing.values()), len(self._sizing))
-        self.sized_keys[(self.stream, self.shape)] = frozenset(self._sizing)
+        self.sizes[(self.stream, self.shape)] = (sum(self._sizing.values()), frozenset(self._sizing))
         self._sizing = {}
         return self._decide(self.stream, self.shape)
 
     def _decide(self, stream: Hashable, shape: Hashable) -> Optional[str]:
         needed, layers = self.sizes[(stream, shape)]
+        layers = len(layers)
         others = sum(self.accepted.values())
         if needed + others <= self.budget_bytes:
             self.accepted[stream] = needed
@@ -111,13 +112,24 @@ class ReuseCache:
         return why
 
     # ---- per served layer ----
+    @property
+    def sizing(self) -> bool:
+        """This model call is a sizing step."""
+        return self.phase == Phase.SIZE
+
+    @property
+    def on(self) -> bool:
+        """This model call's layers use the cache (sizing, refreshing or reusing)."""
+        return self.phase != Phase.OFF
+
     def note_size(self, key: Hashable, out: torch.Tensor) -> None:
         """In the sizing step: what this layer would keep (nothing is allocated)."""
         self._sizing[key] = out.numel() * out.element_size()
 
     def allows(self, key: Hashable) -> bool:
         """Whether this layer may keep a residual now: a refresh or reuse step, and a layer the budget counted."""
-        return self.phase in (REFRESH, REUSE) and key in self.sized_keys.get((self.stream, self.shape), ())
+        sized = self.sizes.get((self.stream, self.shape))
+        return self.phase in (Phase.REFRESH, Phase.REUSE) and sized is not None and key in sized[1]
 
     def residual(self, key: Hashable, like: torch.Tensor) -> Optional[torch.Tensor]:
         kept = self.kept.get(key)
@@ -140,14 +152,14 @@ class ReuseCache:
                approximate: Callable[[Optional[torch.Tensor]], torch.Tensor]) -> torch.Tensor:
         """One served call of layer ``key`` in this model call's phase (``approximate`` as the guard takes it)."""
         phase = self.phase
-        if phase == OFF or (phase != SIZE and not self.allows(key)):
+        if phase == Phase.OFF or (phase != Phase.SIZE and not self.allows(key)):
             return approximate(None)  # refused by the budget, or a layer it did not count
-        if phase == SIZE:
+        if phase == Phase.SIZE:
             out = exact()
             self.note_size(key, out)
             return out
         approx_out = None
-        if phase == REUSE:
+        if phase == Phase.REUSE:
             if self.reuse == "output" and key in self.kept:
                 return self.kept[key]
             if self.reuse == "residual":
@@ -164,18 +176,8 @@ class ReuseCache:
         return out
 
 
-def refresh_schedule(steps: int, refresh: int, first_run: bool = False) -> Tuple[int, int, int]:
-    """(exact-only steps, refresh steps, approximation + residual steps) of a run of ``steps`` model calls per
-    stream: a later run of a known size refreshes at steps 0, refresh, 2 refresh, ...; a run at a new size first
-    spends one step sizing (exact), then refreshes at 1, 1 + refresh, ..."""
-    sizing = 1 if first_run else 0
-    refreshes = len(range(sizing, steps, refresh))
-    return sizing, refreshes, steps - sizing - refreshes
-
-
-def amortised_speedup(approximation_speedup: float, refresh: int, steps: int, first_run: bool = False) -> float:
-    """Exact attention's time over a run / the refresh mode's, from the approximation's speedup on one call: a
-    refresh step costs exact + approximation, a step in between the approximation (the residual's add is left out)."""
-    approx = 1.0 / approximation_speedup
-    sizing, refreshes, between = refresh_schedule(steps, refresh, first_run)
-    return steps / (sizing + refreshes * (1.0 + approx) + between * approx)
+    def close(self) -> None:
+        """The run is over: drop every tensor it kept (the sizes stay, as numbers)."""
+        self.kept.clear()
+        self._sizing.clear()
+        self.phase = Phase.OFF

@@ -16,7 +16,8 @@ import torch
 
 import comfy_env
 import comfy_families as zoo
-from efficient_attention_pop.nodes.families import attention_widths, model_family
+from efficient_attention_pop.nodes.families import model_family
+from efficient_attention_pop.nodes.settings import attention_widths
 
 from test_comfy_node import DEFAULTS, CallLog, patched
 

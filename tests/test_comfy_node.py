@@ -9,7 +9,8 @@ import torch
 
 import comfy_env
 from efficient_attention_pop.attention import RegionMask
-from efficient_attention_pop.nodes import patch as patch_module
+from efficient_attention_pop.nodes import serving as serving_module
+from efficient_attention_pop.nodes import settings as settings_module
 from efficient_attention_pop.nodes.efficient_attention import EfficientAttentionPoP, apply_efficient_attention
 
 DEFAULTS = dict(backend="auto", downsample=2, window=16, max_error=0.0, strength=1.0, apply_to="both", min_tokens=0,
@@ -41,14 +42,14 @@ class CallLog:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        real = patch_module.run_call
+        real = serving_module.run_call
 
         def recording(prepared, backend, skip_output_reshape=False):
             self.calls.append(dict(n=prepared.q.shape[2], m=prepared.k.shape[2], heads=prepared.q.shape[1], dim=prepared.q.shape[3],
                                    mask=prepared.mask, backend=backend, skip_output_reshape=skip_output_reshape))
             return real(prepared, backend, skip_output_reshape)
 
-        monkeypatch.setattr(patch_module, "run_call", recording)
+        monkeypatch.setattr(serving_module, "run_call", recording)
 
     def backends(self):
         return [c["backend"] for c in self.calls]
@@ -126,7 +127,7 @@ def test_heads_that_do_not_divide_are_refused_when_the_node_runs(model):
 
 
 def test_heads_that_do_not_divide_a_layer_found_only_while_sampling(model, inputs, monkeypatch):
-    monkeypatch.setattr(patch_module, "attention_widths", lambda diffusion_model: frozenset())  # widths unknown
+    monkeypatch.setattr(settings_module, "attention_widths", lambda diffusion_model: frozenset())  # widths unknown
     with pytest.raises(ValueError, match=r"^Mismatch in tensor dimensions: Efficient Attention \(PoP\) heads=3 does not "
                                          r"divide this attention layer's 32 channels \(q \(2, 256, 32\)"):
         comfy_env.run_unet(patched(model, backend="sdpa", heads=3), *inputs)

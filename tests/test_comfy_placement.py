@@ -15,7 +15,7 @@ import torch
 
 import comfy_env
 import comfy_families as zoo
-from efficient_attention_pop.nodes import patch as patch_module
+from efficient_attention_pop.nodes.serving import CallServer
 from efficient_attention_pop.nodes.families import model_family
 
 from test_comfy_node import patched
@@ -35,19 +35,19 @@ def comfy():
 
 
 class LayoutRecorder:
-    """Every call the node served: its queries (batch 0, as (N, channels)) and the layouts the node placed."""
+    """Every call the node served: its queries (batch 0, as (N, channels)) and the placement the node made
+    (families.place_call: its ``query`` layout)."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        layouts = patch_module.AttentionPatch._layouts
+        run = CallServer._run
 
-        def recording(patch, call, model_call):
-            placed = layouts(patch, call, model_call)
+        def recording(server, call, placement, *args):
             q = call.q[0].transpose(0, 1).flatten(1) if call.skip_reshape else call.q[0]
-            self.calls.append((q.detach().clone(), placed, call.key_tokens))
-            return placed
+            self.calls.append((q.detach().clone(), placement, call.key_tokens))
+            return run(server, call, placement, *args)
 
-        monkeypatch.setattr(patch_module.AttentionPatch, "_layouts", recording)
+        monkeypatch.setattr(CallServer, "_run", recording)
 
 
 def _perturbed(x, patch, frame, row, col):

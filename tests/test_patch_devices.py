@@ -8,7 +8,8 @@ import copy
 import torch
 
 from efficient_attention_pop.nodes.families import FAMILIES
-from efficient_attention_pop.nodes.patch import AttentionPatch, PatchSettings
+from efficient_attention_pop.nodes.patch import AttentionPatch
+from efficient_attention_pop.nodes.settings import PatchSettings
 
 
 def _model_call(patch, device, run):
@@ -20,16 +21,36 @@ def _model_call(patch, device, run):
 def test_deep_copies_share_the_patch_but_each_device_has_its_own_guard_and_run():
     patch = AttentionPatch(PatchSettings(backend="window", max_error=0.3), FAMILIES["Flux"], uses_override=True)
     assert copy.deepcopy(patch) is patch  # what ComfyUI's per-device deep clones hold
-    run = torch.linspace(1, 0, 5)
-    first, second = _model_call(patch, "cpu", run), _model_call(patch, "meta", run)
+    schedule = torch.linspace(1, 0, 5)
+    first, second = _model_call(patch, "cpu", schedule), _model_call(patch, "meta", schedule)
     assert (first.device, second.device) == ("cpu", "meta")
-    assert patch.guard_for("cpu") is not patch.guard_for("meta")
-    patch.guard_for("cpu").measure_only = True  # a decision on one device
-    assert not patch.guard_for("meta").measure_only  # is not the other's
-    started = []
-    for device in ("cpu", "meta"):
-        patch.guard_for(device).start_run = (lambda d=device: started.append(d))
-    _model_call(patch, "cpu", torch.linspace(1, 0, 7))  # a new run on cpu only
-    _model_call(patch, "meta", run)  # the run in progress on meta goes on
-    assert started == ["cpu"]
+    cpu, meta = patch.runs.get("cpu"), patch.runs.get("meta")
+    assert cpu is not meta and cpu.approximations.guard is not meta.approximations.guard
+    _model_call(patch, "cpu", torch.linspace(1, 0, 7))  # a new run on cpu only (no sampler wrapper: a new schedule)
+    _model_call(patch, "meta", schedule)  # the run in progress on meta goes on
+    assert patch.runs.get("cpu") is not cpu and patch.runs.get("meta") is meta
+    assert cpu.approximations.guard is None  # the run that ended holds nothing
 
+
+def test_a_sampler_wrapper_scopes_one_run_per_device_and_ends_them_however_sampling_ends():
+    patch = AttentionPatch(PatchSettings(backend="todo", refresh=2), FAMILIES["Flux"], uses_override=True)
+    seen = []
+
+    def sampling(fail):
+        for step in range(3):  # the schedule a sampler passes changes nothing inside a scoped run
+            _model_call(patch, "cpu", torch.ones(step + 2))
+            _model_call(patch, "meta", torch.ones(step + 2))
+            seen.append((patch.runs.get("cpu"), patch.runs.get("meta")))
+        if fail:
+            raise RuntimeError("interrupted")
+        return "latent"
+
+    assert patch.sample_wrapper(lambda fail: sampling(fail), False) == "latent"
+    assert len(set(seen)) == 1 and seen[0][0] is not seen[0][1]
+    assert patch.runs.runs == {}
+    try:
+        patch.sample_wrapper(lambda fail: sampling(fail), True)
+    except RuntimeError:
+        pass
+    assert patch.runs.runs == {} and seen[-1][0] is not seen[0][0]
+    assert all(run.approximations.cache is None for pair in seen for run in pair)  # closed: no tensor left

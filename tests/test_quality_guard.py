@@ -56,15 +56,15 @@ def test_a_layer_that_drifts_past_the_bound_goes_back_to_exact_for_the_run():
         model_call(guard, errors)
     assert not guard.uses_approximation(LAYERS[1])
     assert guard.uses_approximation(LAYERS[0]) and guard.uses_approximation(LAYERS[2])
-    guard.start_run()  # a new run calibrates afresh
-    assert guard.layers == {} and not guard.calibrated
 
 
-def test_measure_only_never_uses_the_approximation():
-    guard = QualityGuard(0.0, measure_only=True)
+def test_measure_only_never_uses_the_approximation_and_hands_out_every_measurement():
+    measurements = []
+    guard = QualityGuard(0.0, measurements)
     model_call(guard, dict.fromkeys(LAYERS, 0.0))
     measured, approximated = model_call(guard, dict.fromkeys(LAYERS, 0.0))
     assert measured == LAYERS and approximated == []
+    assert [key for key, *_ in measurements] == LAYERS * 2
 
 
 def test_compare_gives_relative_error_and_cosine():

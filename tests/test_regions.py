@@ -6,7 +6,7 @@ import torch
 
 from efficient_attention_pop.attention import RegionMask, attention
 from efficient_attention_pop.attention.layout import TokenLayout, find_token_layout
-from efficient_attention_pop.attention.regions import inside_mask, labels_for_mode, region_mask_for_layout
+from efficient_attention_pop.attention.regions import RegionMasker, inside_mask, labels_for_mode
 
 
 @pytest.mark.parametrize("latent, tokens, grid", [
@@ -47,8 +47,15 @@ def test_inside_mask_resizes_and_thresholds():
     inside = inside_mask(mask, TokenLayout(2, 4, 4))
     row = torch.tensor([True, True, False, False])
     assert torch.equal(inside, row.repeat(4).repeat(2)[None])  # same on both frames
-    with pytest.raises(ValueError, match=r"expected ComfyUI's \[B, H, W\] or \[H, W\] mask"):
-        inside_mask(torch.zeros(1, 1, 8, 8), TokenLayout(1, 2, 2))
+
+
+def test_the_masker_checks_the_mask_and_the_mode_once():
+    with pytest.raises(ValueError, match=r"expected ComfyUI's \[B, H, W\] or \[H, W\] MASK"):
+        RegionMasker(torch.zeros(1, 1, 8, 8), "isolate regions")
+    with pytest.raises(ValueError, match="Unknown mask mode"):
+        RegionMasker(torch.zeros(8, 8), "sideways")
+    masker = RegionMasker(torch.zeros(8, 8), "keys inside mask")  # (H, W) is read as one mask
+    assert masker.mask.shape == (1, 8, 8) and not masker.needs_query_places
 
 
 def test_labels_for_each_mode_mean_what_the_node_says():
@@ -68,7 +75,7 @@ def test_region_mask_text_tokens_attend_and_are_attended_everywhere():
     mask = torch.zeros(1, 8, 8)
     mask[:, :, :4] = 1.0
     layout = TokenLayout(1, 2, 2, before=3)
-    region = region_mask_for_layout(mask, "isolate regions", layout, attention_batch=2, latent_batch=2)
+    region = RegionMasker(mask, "isolate regions").region_mask(layout, attention_batch=2, latent_batch=2)
     dense = region.to_dense()[0, 0]
     assert dense[:3].all() and dense[:, :3].all()  # text rows and columns
     assert torch.equal(dense[3:, 3:], torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]).bool())
@@ -80,23 +87,23 @@ def test_region_mask_batches():
     masks[1, :, 4:] = 1.0
     layout = TokenLayout(1, 2, 2)
     # cond and uncond of a latent batch of 2: attention batch 4, images 0, 1, 0, 1
-    region = region_mask_for_layout(masks, "isolate regions", layout, attention_batch=4, latent_batch=2)
+    region = RegionMasker(masks, "isolate regions").region_mask(layout, attention_batch=4, latent_batch=2)
     assert torch.equal(region.query_labels[0], region.query_labels[2])
     assert torch.equal(region.query_labels[1], region.query_labels[3])
     assert torch.equal(region.query_labels[0], 1 - region.query_labels[1])
-    single = region_mask_for_layout(masks[:1], "isolate regions", layout, attention_batch=4, latent_batch=2)
+    single = RegionMasker(masks[:1], "isolate regions").region_mask(layout, attention_batch=4, latent_batch=2)
     assert single.query_labels.shape == (1, 4)  # batch 1 broadcasts
 
 
 @pytest.mark.parametrize("fill, mode", [(1.0, "isolate regions"), (0.0, "isolate regions"), (1.0, "keys inside mask"),
                                         (0.0, "keys outside mask")])
 def test_masks_that_allow_everything_are_dropped(fill, mode):
-    assert region_mask_for_layout(torch.full((1, 8, 8), fill), mode, TokenLayout(1, 4, 4), 2, 2) is None
+    assert RegionMasker(torch.full((1, 8, 8), fill), mode).region_mask(TokenLayout(1, 4, 4), 2, 2) is None
 
 
 def test_empty_keys_inside_mask_leaves_image_queries_only_text():
     layout = TokenLayout(1, 2, 2, before=2)
-    region = region_mask_for_layout(torch.zeros(1, 8, 8), "keys inside mask", layout, 1, 1)
+    region = RegionMasker(torch.zeros(1, 8, 8), "keys inside mask").region_mask(layout, 1, 1)
     q = torch.randn(1, 6, 8)
     out = attention(q, q, q, 2, region)
     reference = attention(q, q, q, 2, region.to_dense())

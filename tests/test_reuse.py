@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from efficient_attention_pop.attention import TokenLayout, attention
+from efficient_attention_pop.benchmark.refresh_cost import amortised_speedup, cache_bytes, refresh_schedule
+from efficient_attention_pop.nodes.approximation import ApproximationServer
 from efficient_attention_pop.nodes.comfy_call import ComfyAttentionCall
-from efficient_attention_pop.nodes.families import FAMILIES
+from efficient_attention_pop.nodes.families import FAMILIES, CallPlacement
 from efficient_attention_pop.nodes.guard import APPROXIMATE, EXACT, RESIDUAL, QualityGuard
-from efficient_attention_pop.nodes.patch import AttentionPatch, CallLayouts, PatchSettings
-from efficient_attention_pop.nodes.reuse import (GIB, REFRESH, REUSE, SIZE, ReuseCache, amortised_speedup, cache_bytes,
-                                                  refresh_schedule)
+from efficient_attention_pop.nodes.patch import AttentionPatch
+from efficient_attention_pop.nodes.reuse import GIB, Phase, ReuseCache
+from efficient_attention_pop.nodes.settings import PatchSettings
 
 
 class Layer:
@@ -47,7 +49,7 @@ def test_refresh_steps_return_exact_and_the_steps_between_approximation_plus_res
     for number in range(8):
         outs, warning = step(cache, layers, number)
         assert warning is None
-        phases.append(cache.phase if cache.phase != "off" else SIZE)
+        phases.append(cache.phase if cache.phase != Phase.OFF else Phase.SIZE)
         results.append(outs)
     # step 0 sizes (exact, nothing kept), then refresh at 1, 4, 7
     for name, layer in layers.items():
@@ -64,20 +66,22 @@ def test_refresh_steps_return_exact_and_the_steps_between_approximation_plus_res
 
 
 def test_the_sizing_step_keeps_nothing_and_a_later_run_of_the_same_size_needs_none():
-    cache, layer = ReuseCache(refresh=2, budget_bytes=GIB), Layer(1)
+    sizes, layer = {}, Layer(1)  # what the node keeps across runs: numbers
+    cache = ReuseCache(refresh=2, budget_bytes=GIB, sizes=sizes)
     cache.begin_model_call("s", (1,))
-    assert cache.phase == SIZE
+    assert cache.phase == Phase.SIZE
     cache.attend("k", lambda: layer.exact(0), lambda e: layer.approx(0))
     assert cache.kept == {} and layer.calls == {"exact": 1, "approx": 0}
     assert cache.end_model_call() is None
-    cache.start_run()
+    assert sizes == {("s", (1,)): (24, frozenset({"k"}))}
+    cache = ReuseCache(refresh=2, budget_bytes=GIB, sizes=sizes)  # the next run
     cache.begin_model_call("s", (1,))
-    assert cache.phase == REFRESH  # sizes known: the run starts with a refresh
+    assert cache.phase == Phase.REFRESH  # sizes known: the run starts with a refresh
     cache.begin_model_call("s", (1,))
-    assert cache.phase == REUSE
-    cache.start_run()
+    assert cache.phase == Phase.REUSE
+    cache = ReuseCache(refresh=2, budget_bytes=GIB, sizes=sizes)
     cache.begin_model_call("s", (2,))  # another latent size: sized again
-    assert cache.phase == SIZE
+    assert cache.phase == Phase.SIZE
 
 
 def test_streams_keep_their_own_steps_and_residuals():
@@ -101,8 +105,8 @@ def test_a_cache_over_the_budget_is_refused_before_anything_is_kept():
         assert again is None and cache.kept == {} and cache.kept_bytes == 0
         for name, layer in layers.items():  # the plain approximation
             assert torch.equal(outs[name], layer.approx(number))
-    cache.start_run()  # a later run of the same size: refused at its first model call, with no sizing step
-    assert cache.begin_model_call("s", (2, 4)) is not None and cache.phase == "off"
+    cache = ReuseCache(refresh=2, budget_bytes=needed - 1, sizes=cache.sizes)  # a later run of the same size:
+    assert cache.begin_model_call("s", (2, 4)) is not None and cache.phase == Phase.OFF  # refused, no sizing step
     exact_budget = ReuseCache(refresh=2, budget_bytes=needed)
     assert step(exact_budget, layers, 0)[1] is None
     step(exact_budget, layers, 1)
@@ -129,6 +133,7 @@ def test_cache_bytes_at_flux_2048_and_wan_720p():
 def test_the_guard_chooses_among_exact_residual_and_plain_approximation():
     """Layer p: the plain approximation is within the bound; r: only with its residual; x: not even with it."""
     guard, cache = QualityGuard(0.1), ReuseCache(refresh=4, budget_bytes=GIB)
+    server = ApproximationServer(guard, cache)
     base = torch.arange(1.0, 7.0)
 
     def exact(name, number):
@@ -141,12 +146,11 @@ def test_the_guard_chooses_among_exact_residual_and_plain_approximation():
 
     outs = []
     for number in range(6):
-        cache.begin_model_call("s", (1,))
-        outs.append({name: guard.attend_with_reuse((name, 6, 6, "s"), 6, lambda n=name: exact(n, number),
-                                                   lambda e, n=name: approx(n, number), cache)
+        server.begin_model_call("s", (1,), True)
+        outs.append({name: server.serve((name, 6, 6), 6, lambda n=name: exact(n, number),
+                                        lambda e, n=name: approx(n, number))
                      for name in ("p", "r", "x")})
-        cache.end_model_call()
-        table = guard.end_model_call()
+        _, table = server.end_model_call()
         if table:
             tables = table
     runs = {key[0]: record.runs(True) for key, record in guard.layers.items()}
@@ -168,7 +172,7 @@ def _call(seed, tokens=(4, 8, 8)):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, text + height * width, 64, generator=gen) for _ in range(3))
     layout = TokenLayout(1, height, width, before=text)
-    return ComfyAttentionCall(q, k, v, 2, None, False, False, None, False, True, {}), CallLayouts(layout, layout)
+    return ComfyAttentionCall(q, k, v, 2), CallPlacement(layout, layout, True)
 
 
 def _sample(patch, steps, calls, device="cpu", run=None):
@@ -178,7 +182,8 @@ def _sample(patch, steps, calls, device="cpu", run=None):
         model_call = patch.begin_model_call(torch.zeros(2, 16, 16, 16), torch.ones(2), torch.zeros(2, 4, 8), {},
                                             {"sample_sigmas": run, "cond_or_uncond": [0, 1]})
         model_call.reached = True
-        outs.append([patch.run(call, True, model_call, layouts) for call, layouts in calls(number)])
+        state = patch.runs.get("cpu")
+        outs.append([patch.server._run(call, placement, model_call, state, None) for call, placement in calls(number)])
         patch.end_model_call(model_call)
     return outs
 
@@ -199,7 +204,7 @@ def test_the_node_refresh_mode_exact_on_refresh_steps_residual_between_and_off_a
     off = AttentionPatch(PatchSettings(backend="todo", options={"downsample": 2}), flux, uses_override=True)
     on = AttentionPatch(PatchSettings(backend="todo", options={"downsample": 2}, refresh=3), flux, uses_override=True)
     plain, refreshed = _sample(off, 6, calls), _sample(on, 6, calls)
-    assert off.caches == {} and off.cache_for("cpu") is None  # refresh=0: today's path, no cache
+    assert off.runs.get("cpu").approximations.cache is None  # refresh=0: today's path, no cache
     for number in range(6):
         for layer, (call, layouts) in enumerate(calls(number)):
             approx = _plain(call, layouts)
@@ -211,9 +216,9 @@ def test_the_node_refresh_mode_exact_on_refresh_steps_residual_between_and_off_a
                 residual = _exact(refresh_call) - _plain(refresh_call, refresh_layouts)
                 assert torch.allclose(refreshed[number][layer], approx + residual, atol=1e-5)
                 assert not torch.allclose(refreshed[number][layer], approx, atol=1e-3)
-    kept = on.caches["cpu"].kept[(1, 68, 68, ((0, 1), ()))]  # (served call, query and key tokens, stream)
-    assert torch.allclose(kept, _exact(calls(4)[1][0]) - _plain(*calls(4)[1]), atol=1e-5)
-    assert set(on.caches) == {"cpu"}
+    kept = on.runs.get("cpu").approximations.cache.kept[(1, 68, 68, ((0, 1), ()))]  # (served call, q and k tokens,
+    assert torch.allclose(kept, _exact(calls(4)[1][0]) - _plain(*calls(4)[1]), atol=1e-5)  # stream)
+    assert set(on.runs.runs) == {"cpu"}
 
 
 def test_the_node_keeps_residuals_per_device_and_refuses_a_cache_over_its_budget(caplog):
@@ -225,14 +230,16 @@ def test_the_node_keeps_residuals_per_device_and_refuses_a_cache_over_its_budget
     warnings = [r.getMessage() for r in caplog.records if "cache budget" in r.getMessage()]
     assert len(warnings) == 1 and "over the cache budget of 0.00 GiB" in warnings[0]
     assert "plain todo approximation" in warnings[0]
-    assert patch.caches["cpu"].kept == {}
+    cpu = patch.runs.get("cpu").approximations.cache
+    assert cpu.kept == {}
     for number in range(1, 4):
         call, layouts = _call(number)
         assert torch.equal(outs[number][0], _plain(call, layouts))
     patch.begin_model_call(torch.zeros(2, 16, 16, 16, device="meta"), torch.ones(2), torch.zeros(2, 4, 8), {},
                            {"sample_sigmas": torch.ones(3)})
-    assert set(patch.caches) == {"cpu", "meta"} and patch.caches["meta"] is not patch.caches["cpu"]
-    assert patch.caches["meta"].phase == SIZE and patch.caches["cpu"].steps
+    meta = patch.runs.get("meta").approximations.cache
+    assert set(patch.runs.runs) == {"cpu", "meta"} and meta is not cpu
+    assert meta.phase == Phase.SIZE and cpu.steps
 
 
 def test_refresh_one_is_exact_attention_on_every_step():
