@@ -8,22 +8,13 @@ import time
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "not installed"
-    return triton.__version__
-
 
 def info(_args) -> int:
     from .attention import AUTO_PRIORITY, BACKENDS, availability
+    from .benchmark.speed import triton_version
 
     device = f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu only (no CUDA device)"
-    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton_version()}")
     print(f"device: {device}; CPU threads: {torch.get_num_threads()}")
     print(f"auto tries, in order: {', '.join(AUTO_PRIORITY)} (exact backends only)")
     reasons = availability()
@@ -43,7 +34,7 @@ def info(_args) -> int:
 
 
 def bench(args) -> int:
-    from .benchmark.speed import PRESETS, QUICK_PRESETS, device_peak_line, format_table, run
+    from .benchmark.speed import DTYPES, PRESETS, QUICK_PRESETS, device_peak_line, format_table, run
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
@@ -143,7 +134,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="efficient-attention-pop",
                                      description="Efficient Attention (PoP): benchmark and environment report")
     sub = parser.add_subparsers(dest="command", required=True)
-    from .benchmark.speed import PRESETS, QUICK_PRESETS
+    from .benchmark.speed import DTYPES, PRESETS, QUICK_PRESETS
 
     presets = "\n".join(f"  {name:20s} {workload.describe()}" + (" (quick)" if name in QUICK_PRESETS else "")
                          for name, workload in PRESETS.items())

@@ -25,6 +25,21 @@ def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads, *, ski
     Hkv == H unless ``enable_gqa`` is set, in which case H must be a multiple of Hkv.
     Raises ValueError naming the shapes and what was expected.
     """
+    _check_inputs(q, k, v, heads, skip_reshape)
+    qh, kh, vh = _check_split(q, k, v, heads) if skip_reshape else _split_packed(q, k, v, heads)
+    h, hkv = qh.shape[1], kh.shape[1]
+    if hkv != h:
+        if not enable_gqa:
+            raise _mismatch(f"k/v carry {hkv} heads but q carries {h}", q, k, v, heads,
+                            "the same head count for q, k and v (pass enable_gqa=True for grouped-query attention)")
+        if h % hkv:
+            raise _mismatch(f"q's {h} heads are not a multiple of k/v's {hkv} heads", q, k, v, heads,
+                            "heads divisible by the k/v head count for grouped-query attention")
+    return qh, kh, vh
+
+
+def _check_inputs(q, k, v, heads, skip_reshape: bool) -> None:
+    """heads, the tensors' kinds, ranks, batch sizes and device."""
     if heads is None or isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
         if heads is None or heads == 0:
             raise ValueError(HEADS_MISSING)
@@ -44,45 +59,38 @@ def split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads, *, ski
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
 
-    if skip_reshape:
-        if q.shape[1] != heads:
-            raise _mismatch("q's head axis differs from heads", q, k, v, heads,
-                            f"q of shape (B, {heads}, N, D)")
-        if k.shape[2] != v.shape[2]:
-            raise _mismatch("k and v token counts differ", q, k, v, heads, "k (B, Hkv, M, D) and v (B, Hkv, M, Dv)")
-        if k.shape[1] != v.shape[1]:
-            raise _mismatch("k and v head counts differ", q, k, v, heads, "the same head count for k and v")
-        if q.shape[3] != k.shape[3]:
-            raise _mismatch("q and k head dims differ", q, k, v, heads, "q (..., D) and k (..., D)")
-        qh, kh, vh = q, k, v
-    else:
-        b, n, channels = q.shape
-        if channels % heads:
-            raise _mismatch(f"q's {channels} channels are not divisible by heads={heads}", q, k, v, heads,
-                            "q channels = heads * dim_head")
-        dim_head = channels // heads
-        if k.shape[1] != v.shape[1]:
-            raise _mismatch("k and v token counts differ", q, k, v, heads, "k (B, M, C) and v (B, M, Cv)")
-        if k.shape[2] % dim_head:
-            raise _mismatch(f"k's {k.shape[2]} channels are not a multiple of dim_head={dim_head}", q, k, v, heads,
-                            "k channels = kv_heads * dim_head")
-        kv_heads = k.shape[2] // dim_head
-        if v.shape[2] % kv_heads:
-            raise _mismatch(f"v's {v.shape[2]} channels are not divisible by {kv_heads} heads", q, k, v, heads,
-                            "v channels = kv_heads * dim_head_v")
-        qh = q.view(b, n, heads, dim_head).transpose(1, 2)
-        kh = k.view(b, k.shape[1], kv_heads, dim_head).transpose(1, 2)
-        vh = v.view(b, v.shape[1], kv_heads, v.shape[2] // kv_heads).transpose(1, 2)
 
-    h, hkv = qh.shape[1], kh.shape[1]
-    if hkv != h:
-        if not enable_gqa:
-            raise _mismatch(f"k/v carry {hkv} heads but q carries {h}", q, k, v, heads,
-                            "the same head count for q, k and v (pass enable_gqa=True for grouped-query attention)")
-        if h % hkv:
-            raise _mismatch(f"q's {h} heads are not a multiple of k/v's {hkv} heads", q, k, v, heads,
-                            "heads divisible by the k/v head count for grouped-query attention")
-    return qh, kh, vh
+def _check_split(q, k, v, heads: int):
+    """(B, H, N, D) inputs, already split: checked, returned as they are."""
+    if q.shape[1] != heads:
+        raise _mismatch("q's head axis differs from heads", q, k, v, heads, f"q of shape (B, {heads}, N, D)")
+    if k.shape[2] != v.shape[2]:
+        raise _mismatch("k and v token counts differ", q, k, v, heads, "k (B, Hkv, M, D) and v (B, Hkv, M, Dv)")
+    if k.shape[1] != v.shape[1]:
+        raise _mismatch("k and v head counts differ", q, k, v, heads, "the same head count for k and v")
+    if q.shape[3] != k.shape[3]:
+        raise _mismatch("q and k head dims differ", q, k, v, heads, "q (..., D) and k (..., D)")
+    return q, k, v
+
+
+def _split_packed(q, k, v, heads: int):
+    """(B, N, heads*D) inputs: split into heads (k/v may carry fewer heads of the same dim)."""
+    b, n, channels = q.shape
+    if channels % heads:
+        raise _mismatch(f"q's {channels} channels are not divisible by heads={heads}", q, k, v, heads,
+                        "q channels = heads * dim_head")
+    dim_head = channels // heads
+    if k.shape[1] != v.shape[1]:
+        raise _mismatch("k and v token counts differ", q, k, v, heads, "k (B, M, C) and v (B, M, Cv)")
+    if k.shape[2] % dim_head:
+        raise _mismatch(f"k's {k.shape[2]} channels are not a multiple of dim_head={dim_head}", q, k, v, heads,
+                        "k channels = kv_heads * dim_head")
+    kv_heads = k.shape[2] // dim_head
+    if v.shape[2] % kv_heads:
+        raise _mismatch(f"v's {v.shape[2]} channels are not divisible by {kv_heads} heads", q, k, v, heads,
+                        "v channels = kv_heads * dim_head_v")
+    return (q.view(b, n, heads, dim_head).transpose(1, 2), k.view(b, k.shape[1], kv_heads, dim_head).transpose(1, 2),
+            v.view(b, v.shape[1], kv_heads, v.shape[2] // kv_heads).transpose(1, 2))
 
 
 def merge_heads(out: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,6 @@ def stage_bench(plan: dict) -> None:
     """Every backend beside torch SDPA, per dtype and workload; bench.json rewritten after each workload."""
     import torch
 
-    from .. import __main__ as cli
     from . import speed
 
     out = Path(plan["out"]) / "bench.json"
@@ -129,7 +128,7 @@ def stage_bench(plan: dict) -> None:
             try:
                 work = workload(name)
                 result["workloads"][name] = work.describe()
-                rows = speed.run([work], cli.DTYPES[dtype], plan["device"], repeats=plan["repeats"],
+                rows = speed.run([work], speed.DTYPES[dtype], plan["device"], repeats=plan["repeats"],
                                  backends=plan["backends"], progress=sys.stderr)
                 result["rows"] += [dict(dataclasses.asdict(row), dtype=dtype) for row in rows]
             except Exception as error:  # one workload failing (e.g. out of memory) must not stop the rest
@@ -270,10 +269,10 @@ def environment(device: str) -> Dict[str, str]:
     """Device, driver, CUDA, torch, Triton, Python, CPU threads and known peak numbers."""
     import torch
 
-    from .. import __main__ as cli
+    from .speed import triton_version
 
     env = {"device": "cpu", "python": platform.python_version(), "torch": torch.__version__,
-           "triton": cli._triton_version(), "CUDA (torch build)": str(torch.version.cuda),
+           "triton": triton_version(), "CUDA (torch build)": str(torch.version.cuda),
            "CPU": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                   f"{torch.get_num_threads()} torch threads", "platform": platform.platform()}
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -22,6 +22,16 @@ from ..attention import BACKENDS, RegionMask, TokenLayout, attention, why_not
 from ..attention.heads import merge_heads
 from .table import markdown_table
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
 
 @dataclass(frozen=True)
 class Workload:

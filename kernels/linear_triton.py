@@ -11,8 +11,8 @@ from typing import List, Optional
 
 import torch
 
-from ..attention.backends.base import AttentionCall, Backend
-from ..attention.backends.linear import efficient_attention_limits, key_bias_from_mask
+from ..attention.backends.base import KEY_PADDING, AttentionCall, Backend
+from ..attention.backends.linear import key_bias_from_mask
 from . import triton_support
 from .triton_support import ceil_div, dot_precision, padded_dim, runs_interpreted
 
@@ -91,6 +91,10 @@ class LinearTritonBackend(Backend):
     exact = False
     description = ("approximate; Efficient Attention (Shen et al. 2021) fused in two Triton kernels, O(N); "
                    "key-padding masks")
+    causal = False
+    gqa = False
+    dense_masks = KEY_PADDING
+    region_masks = "region masks are not fused; backend 'linear' serves them with one context per label"
 
     def unavailable_reason(self) -> Optional[str]:
         return triton_support.triton_unavailable_reason()
@@ -101,9 +105,6 @@ class LinearTritonBackend(Backend):
     def not_supported_reasons(self, call: AttentionCall) -> List[str]:
         reasons = super().not_supported_reasons(call)
         reasons += triton_support.call_reasons(call)
-        reasons += efficient_attention_limits(call, "key-padding masks")
-        if call.mask.region is not None:
-            reasons.append("region masks are not fused; backend 'linear' serves them with one context per label")
         return reasons
 
     def forward(self, call: AttentionCall) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..attention.backends.base import AttentionCall, Backend
+from ..attention.backends.base import NONE, AttentionCall, Backend
 from ..attention.masks import RegionMask
 from . import triton_support
 from .triton_support import batch_part, ceil_div, dot_precision, padded_dim, runs_interpreted
@@ -158,6 +158,9 @@ class MaskedTritonBackend(Backend):
     name = "masked_triton"
     description = ("exact; Triton flash-attention kernel for RegionMasks (labels read in the kernel, key blocks "
                    "no query of a block may see are skipped) and unmasked calls")
+    causal = False
+    gqa = False
+    dense_masks = NONE
 
     def unavailable_reason(self) -> Optional[str]:
         return triton_support.triton_unavailable_reason()
@@ -173,12 +176,6 @@ class MaskedTritonBackend(Backend):
             if max(dims) <= triton_support.MAX_HEAD_DIM:
                 reason = tile_reason(*dims, call.dtype, triton_support.shared_memory_per_program(call.device))
                 reasons += [reason] if reason else []
-        if call.mask.dense is not None:
-            reasons.append("dense masks are not supported (only RegionMask or no mask)")
-        if call.is_causal:
-            reasons.append("is_causal is not supported")
-        if call.k.shape[1] != call.q.shape[1]:
-            reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
         return reasons
 
     def forward(self, call: AttentionCall) -> torch.Tensor:

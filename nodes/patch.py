@@ -22,7 +22,6 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..attention import BACKENDS
 from .comfy_call import ComfyAttentionCall, read_call
 from .families import ModelCall, ModelFamily, model_family, read_model_call
 from .log import NODE_NAME, OnceLog, logger

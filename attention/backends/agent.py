@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import TokenLayout
-from .base import AttentionCall, Backend, compute_dtype
+from .base import KEY_PADDING, AttentionCall, Backend, compute_dtype
 from .sdpa import sdpa_dense
-from .todo import grid_backend_limits, key_padding_bias
+from .todo import grid_region_reason, key_padding_bias, layout_reasons, self_attention_reasons
 
 AGENT_SCALE_POWER = 0.3  # AgentSD's k_scale2: the query-agent softmax uses scale ** 0.3
 
@@ -68,10 +68,13 @@ class AgentBackend(Backend):
     not_in_node = ("on the quality benchmark's trained model its images fall short of window's at the same speed "
                    "(docs/quality.md), so it stays in the library")
     benchmark_options = ({"agents": 64}, {"agents": 256}, {"agents": 1024})
+    causal = False
+    gqa = False
+    dense_masks = KEY_PADDING
+    region_masks = grid_region_reason("pooling queries into agents")
 
     def not_supported_reasons(self, call: AttentionCall):
-        reasons = super().not_supported_reasons(call) + grid_backend_limits(call, "pooling queries into agents",
-                                                                            self_attention=True)
+        reasons = super().not_supported_reasons(call) + layout_reasons(call) + self_attention_reasons(call)
         agents = self.option(call, "agents")
         if not isinstance(agents, int) or isinstance(agents, bool) or agents < 1:
             reasons.append(f"agents={agents!r}; expected a positive integer")

@@ -38,14 +38,26 @@ class AttentionCall:
         return self.q.dtype
 
 
+ANY, KEY_PADDING, NONE = "any", "key-padding", "none"  # the dense masks a backend takes
+
+
 class Backend:
-    """Base class. Subclasses set ``name``, ``exact`` and the supported sets, and implement ``forward``."""
+    """Base class. Subclasses set ``name``, ``exact`` and what they support, and implement ``forward``; the
+    standard reasons for what they do not support come from these declarations (``not_supported_reasons``).
+
+    causal, gqa: whether is_causal and grouped-query attention are supported. dense_masks: ANY, KEY_PADDING (only
+    (B|1, 1, 1, M) masks) or NONE. region_masks: None where RegionMasks are supported, else why not.
+    """
 
     name: str = ""
     exact: bool = True
     description: str = ""
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     devices = ("cpu", "cuda")
+    causal = True
+    gqa = True
+    dense_masks = ANY
+    region_masks: Optional[str] = None
     option_defaults: Dict[str, object] = {}  # the options this backend takes, with their defaults
     not_in_node: Optional[str] = None  # why the ComfyUI node does not offer this backend (None: it does)
     benchmark_options: Tuple[Dict[str, object], ...] = ({},)  # the option sets the quality benchmark measures
@@ -75,6 +87,23 @@ class Backend:
             reasons.append(f"dtype {call.dtype} not supported")
         if call.q.dtype != call.k.dtype or call.q.dtype != call.v.dtype:
             reasons.append(f"q, k and v dtypes differ ({call.q.dtype}, {call.k.dtype}, {call.v.dtype})")
+        return reasons + self.declared_reasons(call)
+
+    def declared_reasons(self, call: AttentionCall) -> List[str]:
+        """The call's features this backend declares it does not support, in standard words."""
+        reasons = []
+        if call.is_causal and not self.causal:
+            reasons.append("is_causal is not supported")
+        if call.k.shape[1] != call.q.shape[1] and not self.gqa:
+            reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
+        if call.mask.region is not None and self.region_masks:
+            reasons.append(self.region_masks)
+        dense = call.mask.dense
+        if dense is not None and self.dense_masks == NONE:
+            reasons.append("dense masks are not supported (only RegionMask or no mask)")
+        elif dense is not None and self.dense_masks == KEY_PADDING and not call.mask.is_key_padding:
+            reasons.append(f"dense mask of shape {tuple(dense.shape)} is not a key-padding mask (B or 1, 1, 1, M); "
+                           "only key-padding masks are supported")
         return reasons
 
     def forward(self, call: AttentionCall) -> torch.Tensor:

@@ -6,12 +6,12 @@ accumulated in fp32, so fp16/bf16 inputs cannot overflow.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
 from ..masks import NormalizedMask, RegionMask
-from .base import AttentionCall, Backend, tracing
+from .base import KEY_PADDING, AttentionCall, Backend, tracing
 
 
 # Without subtracting the max, exp(k) is used only when the normaliser shows it was safe: finite (no
@@ -119,28 +119,14 @@ def _region_linear(q, k, v, region: RegionMask, key_bias, scale):
     return out
 
 
-def efficient_attention_limits(call: AttentionCall, supported_masks: str) -> List[str]:
-    """What Efficient Attention itself cannot do, for every backend that implements it."""
-    reasons = []
-    if call.is_causal:
-        reasons.append("is_causal is not supported: Efficient Attention has one context for all queries")
-    if call.k.shape[1] != call.q.shape[1]:
-        reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
-    if call.mask.dense is not None and not call.mask.is_key_padding:
-        reasons.append(f"dense mask of shape {tuple(call.mask.dense.shape)} is not a key-padding mask "
-                       f"(B or 1, 1, 1, M); only {supported_masks} are supported")
-    return reasons
-
-
 class LinearBackend(Backend):
     name = "linear"
     exact = False
-    description = ("approximate; Efficient Attention (Shen et al. 2021), O(N) memory and time; key-padding "
-                   "and region masks")
-
-    def not_supported_reasons(self, call: AttentionCall):
-        limits = efficient_attention_limits(call, "key-padding masks and RegionMasks")
-        return super().not_supported_reasons(call) + limits
+    description = ("approximate; Efficient Attention (Shen et al. 2021), O(N) memory and time, one context for "
+                   "all queries (so not causal); key-padding and region masks")
+    causal = False
+    gqa = False
+    dense_masks = KEY_PADDING
 
     def forward(self, call: AttentionCall) -> torch.Tensor:
         return linear_attention(call.q, call.k, call.v, call.mask, call.scale)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import TokenLayout
-from .base import AttentionCall, Backend, compute_dtype
+from .base import KEY_PADDING, AttentionCall, Backend, compute_dtype
 from .sdpa import sdpa_dense
 
 DOWNSAMPLE_FACTORS = (2, 3, 4)
@@ -109,24 +109,18 @@ def layout_reasons(call: AttentionCall) -> List[str]:
     return []
 
 
-def grid_backend_limits(call: AttentionCall, what: str, self_attention: bool = False) -> List[str]:
-    """What a grid-based approximation (todo, agent, window) refuses, with the reasons; ``self_attention``: it
-    also needs the queries on the keys' layout."""
-    reasons = layout_reasons(call)
-    if self_attention and call.q.shape[2] != call.k.shape[2]:
-        reasons.append(f"needs self-attention with the queries on the keys' layout; got {call.q.shape[2]} queries "
-                       f"and {call.k.shape[2]} keys")
-    if call.is_causal:
-        reasons.append("is_causal is not supported")
-    if call.k.shape[1] != call.q.shape[1]:
-        reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
-    if call.mask.region is not None:
-        reasons.append(f"region masks are not supported: {what} mixes the tokens of neighbouring regions, so the "
-                       "regions could not be kept apart exactly")
-    if call.mask.dense is not None and not call.mask.is_key_padding:
-        reasons.append(f"dense mask of shape {tuple(call.mask.dense.shape)} is not a key-padding mask (B or 1, 1, 1, "
-                       "M); only key-padding masks are supported")
-    return reasons
+def self_attention_reasons(call: AttentionCall) -> List[str]:
+    """Why a backend that needs the queries on the keys' layout (window, agent) cannot serve the call."""
+    if call.q.shape[2] == call.k.shape[2]:
+        return []
+    return [f"needs self-attention with the queries on the keys' layout; got {call.q.shape[2]} queries and "
+            f"{call.k.shape[2]} keys"]
+
+
+def grid_region_reason(what: str) -> str:
+    """Why a grid-based approximation (todo, agent, window) refuses region masks."""
+    return (f"region masks are not supported: {what} mixes the tokens of neighbouring regions, so the regions could "
+            "not be kept apart exactly")
 
 
 class ToDoBackend(Backend):
@@ -137,9 +131,13 @@ class ToDoBackend(Backend):
                    "a layout")
     option_defaults = {"downsample": 2}
     benchmark_options = tuple({"downsample": f} for f in DOWNSAMPLE_FACTORS)
+    causal = False
+    gqa = False
+    dense_masks = KEY_PADDING
+    region_masks = grid_region_reason("pooling keys")
 
     def not_supported_reasons(self, call: AttentionCall):
-        reasons = super().not_supported_reasons(call) + grid_backend_limits(call, "pooling keys")
+        reasons = super().not_supported_reasons(call) + layout_reasons(call)
         downsample = self.option(call, "downsample")
         if downsample not in DOWNSAMPLE_FACTORS:
             reasons.append(f"downsample={downsample!r}; expected one of {DOWNSAMPLE_FACTORS}")

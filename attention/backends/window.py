@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import TokenLayout
-from .base import AttentionCall, Backend, compute_dtype
+from .base import KEY_PADDING, AttentionCall, Backend, compute_dtype
 from .sdpa import sdpa_dense
-from .todo import grid_backend_limits, key_padding_bias, pool_keys
+from .todo import grid_region_reason, key_padding_bias, layout_reasons, pool_keys, self_attention_reasons
 
 WINDOW_SIZES = (8, 16, 32)
 DOWNSAMPLE_FACTORS = (2, 4)
@@ -57,6 +57,34 @@ def _chunk_blocks(padded: torch.Tensor, frame: int, rows: slice, columns: slice,
     return blocks.permute(0, 2, 3, 1, 5, 6, 4).reshape(batch, -1, heads, side * side, dim)
 
 
+def pooled_neighbourhood(layout: TokenLayout, window: int, downsample: int, halo: int, device) -> torch.Tensor:
+    """(blocks, pooled keys) boolean: which pooled keys lie in each window block's neighbourhood (its own frame, the
+    block and its halo; halo and window are whole pooling windows), so the block reads them exactly instead."""
+    blocks_h, blocks_w = math.ceil(layout.height / window), math.ceil(layout.width / window)
+
+    def inside(pooled_count, block_count, size):  # (blocks along one axis, pooled windows along it)
+        start = torch.arange(pooled_count, device=device) * downsample
+        stop = (start + downsample).clamp_max(size)
+        low = torch.arange(block_count, device=device)[:, None] * window - halo
+        return (start[None] >= low) & (stop[None] <= low + window + 2 * halo)
+
+    rows = inside(math.ceil(layout.height / downsample), blocks_h, layout.height)
+    columns = inside(math.ceil(layout.width / downsample), blocks_w, layout.width)
+    frames = torch.eye(layout.frames, dtype=torch.bool, device=device)
+    neighbourhood = (frames[:, None, None, :, None, None] & rows[None, :, None, None, :, None]
+                     & columns[None, None, :, None, None, :])  # (F, bh, bw, F, ph, pw)
+    return neighbourhood.reshape(layout.frames * blocks_h * blocks_w, -1)
+
+
+def _block_chunks(frames: int, blocks_h: int, blocks_w: int, rows_per_chunk: int, columns_per_chunk: int):
+    """(frame, block rows, block columns) of each chunk of window blocks, in order."""
+    for frame in range(frames):
+        for row_start in range(0, blocks_h, rows_per_chunk):
+            for column_start in range(0, blocks_w, columns_per_chunk):
+                yield (frame, slice(row_start, min(blocks_h, row_start + rows_per_chunk)),
+                       slice(column_start, min(blocks_w, column_start + columns_per_chunk)))
+
+
 def window_attention(call: AttentionCall, layout: TokenLayout, window: int, downsample: int) -> torch.Tensor:
     """(B, H, N, Dv) in q's dtype; queries and keys on the same layout (self-attention)."""
     work = compute_dtype(call.q)
@@ -69,86 +97,70 @@ def window_attention(call: AttentionCall, layout: TokenLayout, window: int, down
         # one block holds the whole grid: its neighbourhood is every key, i.e. exact attention
         return sdpa_dense(q, k, v, key_mask, call.scale).to(call.q.dtype)
     bias = torch.zeros(1, m, device=q.device) if key_bias is None else key_bias
-    bias_batch = bias.shape[0]
 
     pooled_k, pooled_v, pooled_bias = pool_keys(k, v, key_bias, layout, downsample)  # the whole grid, as todo
-    pooled_k, pooled_v = pooled_k.to(work), pooled_v.to(work)
-
-    # which pooled keys lie in each block's neighbourhood (halo and window are whole pooling windows)
-    halo = halo_for(window, downsample)
-    pooled_h, pooled_w = math.ceil(layout.height / downsample), math.ceil(layout.width / downsample)
-    blocks_h, blocks_w = math.ceil(layout.height / window), math.ceil(layout.width / window)
-
-    def inside(pooled_count, block_count, size):  # (blocks along one axis, pooled windows along it)
-        start = torch.arange(pooled_count, device=q.device) * downsample
-        stop = (start + downsample).clamp_max(size)
-        low = torch.arange(block_count, device=q.device)[:, None] * window - halo
-        return (start[None] >= low) & (stop[None] <= low + window + 2 * halo)
-
-    rows, columns = inside(pooled_h, blocks_h, layout.height), inside(pooled_w, blocks_w, layout.width)
-    frames = torch.eye(layout.frames, dtype=torch.bool, device=q.device)
-    neighbourhood = (frames[:, None, None, :, None, None] & rows[None, :, None, None, :, None]
-                     & columns[None, None, :, None, None, :])  # (F, bh, bw, F, ph, pw)
-    neighbourhood = neighbourhood.reshape(layout.frames * blocks_h * blocks_w, -1)  # (blocks, P)
-
     others = torch.cat([torch.arange(layout.before, device=q.device), torch.arange(grid.stop, m, device=q.device)])
-    shared_k = torch.cat([k[:, :, others], pooled_k.expand(batch, -1, -1, -1)], dim=2)  # (B, H, S, D)
-    shared_v = torch.cat([v[:, :, others], pooled_v.expand(batch, -1, -1, -1)], dim=2)
-    shared_bias = torch.cat([bias[:, others], pooled_bias.expand(bias_batch, -1)], dim=1)  # (B|1, S)
-
-    # the grid padded once (not at all where the windows tile it); each chunk of blocks copies out its own blocks
-    padded_q = _padded_grid(q[:, :, grid], layout, window, 0)
-    padded_k, padded_v = (_padded_grid(t[:, :, grid], layout, window, halo) for t in (k, v))
-    padded_bias = _padded_grid(bias[:, None, grid, None], layout, window, halo)  # (B|1, 1, F, Hp, Wp, 1)
-    inside_grid = _padded_grid(torch.ones(1, 1, layout.image_tokens, 1, device=q.device), layout, window, halo) > 0
+    shared = (torch.cat([k[:, :, others], pooled_k.to(work).expand(batch, -1, -1, -1)], dim=2),  # (B, H, S, D)
+              torch.cat([v[:, :, others], pooled_v.to(work).expand(batch, -1, -1, -1)], dim=2),
+              torch.cat([bias[:, others], pooled_bias.expand(bias.shape[0], -1)], dim=1))  # (B|1, S)
     out = torch.empty(batch, heads, q.shape[2], v.shape[-1], dtype=work, device=q.device)
-    tiled = blocks_h * window == layout.height and blocks_w * window == layout.width
-    out_grid = (out[:, :, grid] if tiled else torch.empty(batch, heads, layout.image_tokens, v.shape[-1], dtype=work,
-                                                          device=q.device))
-    out_grid = _padded_grid(out_grid, layout, window, 0)  # (B, H, F, bh*window, bw*window, Dv); a view of out if tiled
-    keys_per_block = shared_k.shape[2] + (window + 2 * halo) ** 2
-    block_bytes = 2 * batch * heads * keys_per_block * k.shape[-1] * torch.finfo(work).bits // 8  # its keys and values
-    blocks_per_chunk = max(1, CHUNK_BYTES // block_bytes)
-    rows_per_chunk = max(1, blocks_per_chunk // blocks_w)
-    columns_per_chunk = min(blocks_w, blocks_per_chunk)
-    for frame in range(layout.frames):
-        for row_start in range(0, blocks_h, rows_per_chunk):
-            for column_start in range(0, blocks_w, columns_per_chunk):
-                chunk_rows = slice(row_start, min(blocks_h, row_start + rows_per_chunk))
-                chunk_columns = slice(column_start, min(blocks_w, column_start + columns_per_chunk))
-                row_count, column_count = chunk_rows.stop - chunk_rows.start, chunk_columns.stop - chunk_columns.start
-                count = row_count * column_count
-                block_index = ((frame * blocks_h + torch.arange(chunk_rows.start, chunk_rows.stop))[:, None] * blocks_w
-                               + torch.arange(chunk_columns.start, chunk_columns.stop)).flatten()
-
-                def blocks_of(padded, margin):
-                    return _chunk_blocks(padded, frame, chunk_rows, chunk_columns, window, margin)
-
-                local_q, local_k, local_v = blocks_of(padded_q, 0), blocks_of(padded_k, halo), blocks_of(padded_v, halo)
-                local_bias = blocks_of(padded_bias, halo)[..., 0]  # (B|1, count, 1, side²)
-                local_bias = local_bias.masked_fill(~blocks_of(inside_grid, halo)[..., 0], float("-inf"))
-                keys = torch.cat([shared_k[:, None].expand(-1, count, -1, -1, -1), local_k], dim=3)
-                values = torch.cat([shared_v[:, None].expand(-1, count, -1, -1, -1), local_v], dim=3)
-                mask = torch.cat([shared_bias[:, None, None, :].expand(-1, count, 1, -1).clone(),
-                                  local_bias.expand(bias_batch, -1, -1, -1)], dim=3)
-                pooled_part = mask[..., others.numel():others.numel() + neighbourhood.shape[1]]
-                pooled_part.masked_fill_(neighbourhood[block_index.to(q.device), None, :], float("-inf"))
-                flat = batch * count
-                chunk_out = sdpa_dense(local_q.reshape(flat, heads, window * window, -1),
-                                       keys.reshape(flat, heads, keys_per_block, -1),
-                                       values.reshape(flat, heads, keys_per_block, -1),
-                                       mask.expand(batch, -1, -1, -1).reshape(flat, 1, 1, keys_per_block), call.scale)
-                chunk_out = chunk_out.view(batch, row_count, column_count, heads, window, window, -1)
-                chunk_out = chunk_out.permute(0, 3, 1, 4, 2, 5, 6).reshape(batch, heads, row_count * window,
-                                                                           column_count * window, -1)
-                out_grid[:, :, frame, chunk_rows.start * window:chunk_rows.stop * window,
-                         chunk_columns.start * window:chunk_columns.stop * window] = chunk_out
-
-    if not tiled:
-        out[:, :, grid] = out_grid[:, :, :, :layout.height, :layout.width].reshape(batch, heads, layout.image_tokens, -1)
+    _grid_attention(out[:, :, grid], q[:, :, grid], k[:, :, grid], v[:, :, grid], bias[:, grid], shared,
+                    others.numel(), layout, window, downsample, call.scale)
     if others.numel():  # queries outside the grid: exact over every key
         out[:, :, others] = sdpa_dense(q[:, :, others], k, v, key_mask, call.scale)
     return out.to(call.q.dtype)
+
+
+def _grid_attention(out, q, k, v, bias, shared, others: int, layout: TokenLayout, window: int, downsample: int,
+                    scale) -> None:
+    """Fill ``out`` (B, H, I, Dv) for the grid's queries q (B, H, I, D), block by block: each block attends to the
+    ``shared`` keys, values and bias (the ``others`` tokens beside the grid, then the pooled grid) less the pooled
+    keys of its own neighbourhood, and exactly to its neighbourhood's k, v (B, H, I, ·) with their bias (B|1, I)."""
+    batch, heads = q.shape[:2]
+    shared_k, shared_v, shared_bias = shared
+    halo = halo_for(window, downsample)
+    blocks_h, blocks_w = math.ceil(layout.height / window), math.ceil(layout.width / window)
+    neighbourhood = pooled_neighbourhood(layout, window, downsample, halo, q.device)
+    # the grid padded once (not at all where the windows tile it); each chunk of blocks copies out its own blocks
+    padded_q = _padded_grid(q, layout, window, 0)
+    padded_k, padded_v = (_padded_grid(t, layout, window, halo) for t in (k, v))
+    padded_bias = _padded_grid(bias[:, None, :, None], layout, window, halo)  # (B|1, 1, F, Hp, Wp, 1)
+    inside_grid = _padded_grid(torch.ones(1, 1, layout.image_tokens, 1, device=q.device), layout, window, halo) > 0
+    tiled = blocks_h * window == layout.height and blocks_w * window == layout.width
+    out_grid = _padded_grid(out if tiled else torch.empty_like(out), layout, window, 0)  # a view of out if tiled
+    keys_per_block = shared_k.shape[2] + (window + 2 * halo) ** 2
+    block_bytes = 2 * batch * heads * keys_per_block * k.shape[-1] * torch.finfo(q.dtype).bits // 8  # its k and v
+    blocks_per_chunk = max(1, CHUNK_BYTES // block_bytes)
+    for frame, chunk_rows, chunk_columns in _block_chunks(layout.frames, blocks_h, blocks_w,
+                                                          max(1, blocks_per_chunk // blocks_w),
+                                                          min(blocks_w, blocks_per_chunk)):
+        row_count, column_count = chunk_rows.stop - chunk_rows.start, chunk_columns.stop - chunk_columns.start
+        count = row_count * column_count
+        block_index = ((frame * blocks_h + torch.arange(chunk_rows.start, chunk_rows.stop))[:, None] * blocks_w
+                       + torch.arange(chunk_columns.start, chunk_columns.stop)).flatten()
+
+        def blocks_of(padded, margin):  # this chunk's blocks
+            return _chunk_blocks(padded, frame, chunk_rows, chunk_columns, window, margin)
+
+        local_bias = blocks_of(padded_bias, halo)[..., 0]  # (B|1, count, 1, side²)
+        local_bias = local_bias.masked_fill(~blocks_of(inside_grid, halo)[..., 0], float("-inf"))
+        keys = torch.cat([shared_k[:, None].expand(-1, count, -1, -1, -1), blocks_of(padded_k, halo)], dim=3)
+        values = torch.cat([shared_v[:, None].expand(-1, count, -1, -1, -1), blocks_of(padded_v, halo)], dim=3)
+        mask = torch.cat([shared_bias[:, None, None, :].expand(-1, count, 1, -1).clone(),
+                          local_bias.expand(shared_bias.shape[0], -1, -1, -1)], dim=3)
+        mask[..., others:others + neighbourhood.shape[1]].masked_fill_(neighbourhood[block_index.to(q.device), None, :],
+                                                                        float("-inf"))
+        flat = batch * count
+        chunk_out = sdpa_dense(blocks_of(padded_q, 0).reshape(flat, heads, window * window, -1),
+                               keys.reshape(flat, heads, keys_per_block, -1),
+                               values.reshape(flat, heads, keys_per_block, -1),
+                               mask.expand(batch, -1, -1, -1).reshape(flat, 1, 1, keys_per_block), scale)
+        chunk_out = chunk_out.view(batch, row_count, column_count, heads, window, window, -1)
+        out_grid[:, :, frame, chunk_rows.start * window:chunk_rows.stop * window,
+                 chunk_columns.start * window:chunk_columns.stop * window] = chunk_out.permute(
+            0, 3, 1, 4, 2, 5, 6).reshape(batch, heads, row_count * window, column_count * window, -1)
+    if not tiled:
+        out.copy_(out_grid[:, :, :, :layout.height, :layout.width].reshape(out.shape))
 
 
 class WindowBackend(Backend):
@@ -161,9 +173,13 @@ class WindowBackend(Backend):
     benchmark_options = ({"window": 8, "downsample": 2}, {"window": 8, "downsample": 4},
                          {"window": 16, "downsample": 2}, {"window": 16, "downsample": 4},
                          {"window": 32, "downsample": 4})
+    causal = False
+    gqa = False
+    dense_masks = KEY_PADDING
+    region_masks = grid_region_reason("pooling keys")
 
     def not_supported_reasons(self, call: AttentionCall) -> List[str]:
-        reasons = super().not_supported_reasons(call) + grid_backend_limits(call, "pooling keys", self_attention=True)
+        reasons = super().not_supported_reasons(call) + layout_reasons(call) + self_attention_reasons(call)
         window, downsample = self.option(call, "window"), self.option(call, "downsample")
         if window not in WINDOW_SIZES:
             reasons.append(f"window={window!r}; expected one of {WINDOW_SIZES}")
