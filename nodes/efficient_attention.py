@@ -8,94 +8,103 @@ from __future__ import annotations
 import inspect
 
 from ..attention.regions import MASK_MODES
-from .patch import patch_model
-from .settings import APPLY_TO, backend_problem, settings_for_model, usable_backends
+from .patch import APPLY_TO, backend_problem, patch_model, settings_for_model, usable_backends
 
 CATEGORY = "model_patches/attention"
 DESCRIPTION = (
-    "Runs the model's attention through the Efficient Attention (PoP) backends. Exact: auto (the default: the "
-    "image does not change), sdpa, masked (region masks without a full score matrix). Faster but approximate: "
-    "window (exact in each token's neighbourhood, the rest pooled: the closest to exact for its speed at high "
-    "resolution), todo (keys and values pooled on the image grid), linear. "
-    "The quality guard (max_error) keeps an approximation only on the layers where it stays close. Returns a "
-    "patched copy; the input model is unchanged, so bypassing this node restores the original attention.")
+    "Chooses how the model computes attention. Exact: auto (the default: the image does not change), sdpa, masked "
+    "(region masks without a full score matrix). Faster approximations for high resolution: window (sparse: exact in "
+    "each token's neighbourhood, the rest pooled; the closest to exact for its speed), todo (keys and values "
+    "pooled), linear. The quality guard (max_error) keeps an approximation only on the layers where it stays close. "
+    "An alternative to Sage/Flash attention patch nodes, not SageAttention or FlashAttention itself (its exact calls "
+    "run torch SDPA or its own masked kernels). Returns a patched copy; the input model is unchanged, so bypassing "
+    "this node restores the original attention.")
 # Words people type into the node search for this node. ComfyUI versions with search aliases (V1 SEARCH_ALIASES,
-# V3 io.Schema(search_aliases=...)) match them; older ones search the name and display name only.
+# V3 io.Schema(search_aliases=...)) match them; older ones search the name and display name only. Frontend 1.49.6
+# finds a node by any alias but orders the results by the name and display name (and how often a node is used), so
+# an alias puts the node in the list, near the end when the word is not in its name. Honest ones only: the
+# description says it is an alternative to Sage/Flash attention patches, not one of them.
 SEARCH_ALIASES = ["attention", "efficient", "efficient attention", "sdpa", "linear attention", "masked attention",
-                  "mask", "region mask", "speed", "speed up", "fast", "faster", "flash", "todo", "token downsampling",
-                  "window attention", "local attention"]
+                  "mask attention", "attention mask", "mask", "region", "region mask", "regional attention",
+                  "speed", "speed up", "fast", "faster", "faster attention", "sparse attention", "sparse",
+                  "flash", "flash attention alternative", "sage", "sage attention alternative", "todo",
+                  "token downsampling", "window attention", "local attention"]
 BACKEND_CHOICES = usable_backends()  # what this machine can run; a saved workflow's other choice is refused, with why
+WHICH = "see README: Which settings for which model"
 
-# (name, kind, options, tooltip) in the order the node shows them: the backend and its own options, where it
-# applies, when in the schedule, the mask, and last the rarely changed heads and layernorm. kind is the classic
-# ComfyUI type name.
+# (name, kind, options, tooltip) in the order the node has them since its first release: the backend and its own
+# options, where it applies, when in the schedule, the mask, heads and layernorm, then refresh and cache_gb (added
+# later). The order stays: a saved workflow stores the widget values by position. kind is the classic type name.
 INPUTS = [
     ("backend", "COMBO", {"default": "auto", "options": BACKEND_CHOICES},
-     "auto: the fastest exact backend for each call (the image does not change). sdpa: exact, torch "
-     "scaled_dot_product_attention. masked: exact, every mask form without a full score matrix. window: "
-     "APPROXIMATE, exact attention in each token's neighbourhood plus the rest pooled: the closest to exact for "
-     "its speed at high resolution. todo: APPROXIMATE, keys and values pooled on the image grid (ToDo). linear: "
-     "APPROXIMATE, Efficient Attention (Shen et al. 2021), O(N), changes the image of models trained with softmax "
-     "attention. *_triton: fused GPU kernels. Only the backends this machine can run are listed; a workflow saved "
-     "with another one stops at this node with the reason."),
+     "How attention is computed. auto (default), sdpa and masked are exact: the image does not change. window, todo "
+     f"and linear are APPROXIMATE: faster at high resolution, they change the image (window least; {WHICH}). Lists "
+     "only what this machine runs."),
     ("downsample", "INT", {"default": 2, "min": 2, "max": 4, "step": 1},
-     "Only for todo and window: distant keys and values are averaged over downsample x downsample image tokens "
-     "(2: 4x fewer, 4: 16x fewer). Higher is faster and further from exact. todo takes 2, 3 or 4; window 2 or 4."),
+     "window and todo: distant keys and values are averaged over downsample x downsample tokens; 2 is closest to "
+     f"exact, 4 is faster and further from it ({WHICH})."),
     ("window", "INT", {"default": 16, "min": 8, "max": 32, "step": 8},
-     "Only for window: each token attends exactly to its window x window block of the image and a window/4 margin "
-     "around it (8, 16 or 32 tokens; larger is closer to exact and slower)."),
+     "window: each token attends exactly to its window x window block (8, 16 or 32) and a margin, the rest pooled; "
+     f"larger is closer to exact and slower ({WHICH})."),
     ("max_error", "FLOAT", {"default": 0.0, "min": 0.0, "max": 2.0, "step": 0.01},
-     "Only for approximate backends: the quality guard. 0 = off. Otherwise each layer's approximation is measured "
-     "against exact attention in the first step of every run (that step runs exact, so it costs a little more) "
-     "and kept only on layers whose relative error is at most this; one layer per step is measured again. The "
-     "log shows a table of the layers."),
+     "The quality guard (0 = off): a layer keeps the approximation only if its relative error against exact "
+     "attention, measured in the first step (which runs exact), is at most this; the log lists the layers (see "
+     "README: The quality guard)."),
     ("strength", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01},
-     "Only for approximate backends: out = exact + strength * (approx - exact). 1.0 computes only the "
-     "approximation; below 1 both run (slower than exact). Ignored by exact backends."),
+     "Approximate backends: blends exact (0) and approximate (1) attention; below 1 both are computed, so it is "
+     "slower than exact."),
     ("apply_to", "COMBO", {"default": "both", "options": list(APPLY_TO)},
-     "Which attention calls to patch. UNets (SD1.x, SDXL), Wan, LTXV, Cosmos: self-attention = image to image, "
-     "cross-attention = image to text. Joint-attention DiTs (Flux, SD3, HunyuanVideo, Qwen-Image) make one "
-     "self-attention call over text and image tokens together: self-attention and both patch it, cross-attention "
-     "patches nothing there. window and todo serve self-attention over image tokens only; other calls run exact."),
+     "Which attention calls to patch: self-attention (image to image; Flux and SD3's joint text and image call), "
+     "cross-attention (image to text) or both."),
     ("min_tokens", "INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64},
-     "Use the chosen backend only in calls with at least this many query tokens; smaller calls run exact (auto). "
-     "E.g. 4096 applies it only to the highest-resolution SD1.5 layers at 512px."),
+     "Calls with fewer query tokens run exact; e.g. 16384 keeps an approximation to the top UNet level of SD1.5 at "
+     "1024 px or SDXL at 2048 px."),
     ("start_percent", "FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001},
-     "Part of the denoising schedule where the patch is active: from here..."),
+     "Where in the denoising schedule the patch starts (0 = first step); before it the model's own attention runs."),
     ("end_percent", "FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001},
-     "...to here. Outside it the model's own attention runs (e.g. an approximation only in the middle of "
-     "sampling)."),
+     "Where in the denoising schedule the patch ends (1 = last step); after it the model's own attention runs."),
     ("mask_mode", "COMBO", {"default": "isolate regions", "options": list(MASK_MODES)},
-     "Only with a mask. keys inside mask: every image token attends only to image tokens inside the mask. keys "
-     "outside mask: only to those outside. isolate regions: tokens inside attend only inside, outside only outside "
-     "(keeps two subjects from bleeding into each other). Attention to text is never masked."),
+     "With a mask: image tokens attend only to keys inside it, only to keys outside it, or (isolate regions) inside "
+     "to inside and outside to outside, which keeps two subjects apart; text is never masked."),
     ("heads", "INT", {"default": 0, "min": 0, "max": 256, "step": 1},
-     "0 = each layer's own head count (what the model was trained with). Otherwise q/k/v are split into this many "
-     "heads; it must divide every attention width of the model, which the node checks when it runs."),
+     "0 = each layer's own head count; otherwise q, k and v are split into this many heads (it must divide every "
+     "layer's width), which changes the output."),
     ("layernorm", "BOOLEAN", {"default": False},
-     "QK layernorm: normalise q and k per head (no affine parameters) before attention. Changes the output; "
-     "can tame attention in very long sequences."),
+     "Normalises q and k per head before attention (QK-norm): changes the output, can steady very long sequences."),
     # added after the others, so that workflows saved before keep their values in place
     ("refresh", "INT", {"default": 0, "min": 0, "max": 100, "step": 1},
-     "Only for approximate backends (window, todo): 0 = off. Otherwise every refresh steps each served layer "
-     "computes exact attention as well, returns it and keeps the difference to the approximation (the residual); "
-     "the steps in between add that residual to the approximation, which brings the image much closer to exact "
-     "for a little of the speed. 1 = exact every step (the exact image). Try 5 to 6 for 20 to 30 steps. With "
-     "max_error the guard picks per layer the plain approximation, approximation + residual, or exact. Costs "
-     "memory: one attention output per layer (see cache_gb)."),
+     "window and todo (0 = off): every refresh steps each layer runs exact and keeps its difference to the "
+     "approximation, added back in between: much closer to exact for some speed and memory; try 6 for 20 to 30 "
+     f"steps ({WHICH})."),
     ("cache_gb", "FLOAT", {"default": 8.0, "min": 0.0, "max": 1024.0, "step": 0.5},
-     "Only with refresh: the most memory (GiB, per device) the kept residuals may take, one attention output per "
-     "layer in the compute dtype (Flux at 2048x2048 with CFG: 11.0 GiB in bf16; at 1024x1024: 3.0 GiB). The first "
-     "step of a run at a new size measures the need; a run that would exceed the budget runs the plain "
-     "approximation instead, with a warning giving the numbers, and never runs out of memory mid-sampling."),
+     "With refresh: the most memory (GiB per device) the kept differences may take; a run that needs more runs the "
+     "plain approximation, with a warning."),
 ]
 # Inputs added after the node was first released: optional, so a workflow or API prompt saved before them still runs
 # (their defaults apply) instead of being refused for a missing required input.
 ADDED_LATER = ("refresh", "cache_gb")
+# What the node shows where ComfyUI folds advanced inputs (0.33's `advanced`): the backend and its two own options,
+# the quality guard, refresh (the README's way to closer images), and the mask's mode (the mask is a socket). The
+# rest, which the README's recipes leave at their defaults but for one each, is folded; nothing moves.
+FRONT = ("backend", "downsample", "window", "max_error", "mask_mode", "refresh")
+ADVANCED = tuple(name for name, *_ in INPUTS if name not in FRONT)
 BACKEND_OPTIONS = {"downsample": ("todo", "window"), "window": ("window",)}  # node input -> backends it is an option of
-MASK_TOOLTIP = ("Optional region mask (white = inside), resized to each attention layer's token grid; it shapes "
-                "image-to-image attention only. Batch 1 applies to every image; a larger batch is matched to the "
-                "latent batch.")
+MASK_TOOLTIP = ("Optional region mask (white = inside), resized to each layer's token grid; it shapes image-to-image "
+                "attention only (see README: The node's options).")
+
+
+def comfyui_folds_advanced_inputs():
+    """Whether this ComfyUI's node schema has ``advanced`` inputs (0.33.0's comfy_api.latest: io.Input takes
+    ``advanced``, which its frontend folds behind "Show advanced inputs"; classic INPUT_TYPES options carry it as the
+    key "advanced"). False in 0.3.64 and the March 2024 ComfyUI, where every input shows as before."""
+    try:
+        from comfy_api.latest import io
+    except ImportError:
+        return False
+    try:
+        return "advanced" in inspect.signature(io.Int.Input).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def validate_backend(backend):
@@ -136,9 +145,12 @@ class EfficientAttentionPoP:
     def INPUT_TYPES(cls):
         required = {"model": ("MODEL", {"tooltip": "The diffusion model to patch."})}
         optional = {}
+        fold = comfyui_folds_advanced_inputs()
         for name, kind, options, tooltip in INPUTS:
             extra = {key: value for key, value in options.items() if key != "options"}
             extra["tooltip"] = tooltip
+            if fold and name in ADVANCED:
+                extra["advanced"] = True
             (optional if name in ADDED_LATER else required)[name] = (
                 (options["options"], extra) if kind == "COMBO" else (kind, extra))
         optional["mask"] = ("MASK", {"tooltip": MASK_TOOLTIP})
@@ -158,12 +170,15 @@ def define_v3_node():
     aliases = {"search_aliases": SEARCH_ALIASES} if "search_aliases" in inspect.signature(io.Schema).parameters else {}
     kinds = {"COMBO": io.Combo, "INT": io.Int, "FLOAT": io.Float, "BOOLEAN": io.Boolean}
 
+    fold = comfyui_folds_advanced_inputs()
+
     def v3_input(name, kind, options, tooltip):
-        optional = name in ADDED_LATER
+        common = dict(tooltip=tooltip, optional=name in ADDED_LATER)
+        if fold and name in ADVANCED:
+            common["advanced"] = True  # only where io.Input takes it (0.33.0); folded, not moved
         if kind == "COMBO":
-            return io.Combo.Input(name, options=options["options"], default=options["default"], tooltip=tooltip,
-                                  optional=optional)
-        return kinds[kind].Input(name, tooltip=tooltip, optional=optional, **options)
+            return io.Combo.Input(name, options=options["options"], default=options["default"], **common)
+        return kinds[kind].Input(name, **common, **options)
 
     class EfficientAttentionPoPV3(io.ComfyNode):
         @classmethod

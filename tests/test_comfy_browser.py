@@ -14,8 +14,10 @@ dialog). The workflow-templates package (ComfyUI's own templates) is not needed 
 served from its example_workflows/ folder.
 
 Checked: the example workflows in the template browser (cards with their titles and thumbnails) and loaded into
-the canvas without errors about the node; the node found through the canvas search box and added, its widgets in
-order with their tooltips (hovered on the canvas, and in the UI's node definition); a workflow with the node
+the canvas without errors about the node; the node's rank in the canvas search box for the words people type
+(search_ranks.json), the node added, its widgets in order with their tooltips (hovered on the canvas, and in the
+UI's node definition), its face (node_face.json: where ComfyUI folds advanced inputs, the Nodes 2.0 view shows
+FRONT and the rest after "Show advanced inputs"; the classic canvas, like ComfyUI's own nodes, shows every widget); a workflow with the node
 queued with the Run button and finished; heads=7 answered by the error dialog naming the node, the server still
 running the next valid workflow.
 
@@ -191,10 +193,18 @@ def search_results(driver, text):
     ActionChains(driver).move_to_element(canvas).double_click().perform()
     box = driver.switch_to.active_element
     assert box.get_attribute("placeholder") in SEARCH_PLACEHOLDERS, "the double-click did not open the node search"
+    time.sleep(0.5)
+    popular = driver.execute_script(SEARCH_TITLES)  # before the query is applied the box lists popular nodes
     box.send_keys(text)
-    # before the query is applied the box lists popular nodes, without highlighted matches
-    wait_for(driver, "return document.querySelector(arguments[0])", f"search results for {text!r}", 10,
-             [", ".join(f"{option} .highlight" for option in SEARCH_OPTIONS)])
+    # the query applied: highlighted matches in a title, or (a match by a search alias only, or no match) a list
+    # that is no longer the popular one
+    try:
+        wait_for(driver, "return document.querySelector(arguments[0]) || JSON.stringify(eval(arguments[1])) !== "
+                         "JSON.stringify(arguments[2])", f"search results for {text!r}", 10,
+                 [", ".join(f"{option} .highlight" for option in SEARCH_OPTIONS), f"(() => {{{SEARCH_TITLES}}})()",
+                  popular])
+    except AssertionError:
+        return box, []
     titles = None
     while True:  # the list settles once the (debounced) search has run
         time.sleep(0.5)
@@ -322,21 +332,93 @@ def test_example_loads_without_errors(page, server, shots, path):
     shoot(page, shots, f"02_example_{name}.png")
 
 
-def test_search_box_finds_the_node_and_adds_it(page, shots):
+SEARCH_WORDS = ("efficient attention", "attention", "sage", "flash", "sparse", "region", "mask attention", "faster")
+
+
+def test_search_ranks(page, server, shots):
+    """The node's rank in the node search for the words people type: recorded in search_ranks.json (with the
+    frontend's version and the first results), "efficient attention" first everywhere. Frontend 1.27.10 searches
+    the name and display name only; 1.49.6 also the search aliases (ComfyUI 0.33.0 sends them), so there every word
+    finds the node. Its order comes from the name and display name and how often a node is used, not the aliases:
+    for a word outside "Efficient Attention (PoP)" the node is listed after the nodes whose names hold the word."""
     from selenium.webdriver.common.keys import Keys
 
-    from efficient_attention_pop.nodes.efficient_attention import DESCRIPTION, INPUTS
+    from comfy_server import pinned_frontend_version
 
-    ranks = {}
-    for text in ("efficient attention", "attention"):
+    ranks, results = {}, {}
+    for text in SEARCH_WORDS:
         new_graph(page)
         box, titles = search_results(page, text)
-        assert NODE_TITLE in titles, titles
-        ranks[text] = titles.index(NODE_TITLE) + 1
+        ranks[text] = titles.index(NODE_TITLE) + 1 if NODE_TITLE in titles else None
+        results[text] = titles[:12]
         box.send_keys(Keys.ESCAPE)
+    aliases = bool(server.get("/object_info/EfficientAttentionPoP")["EfficientAttentionPoP"].get("search_aliases"))
     with open(os.path.join(shots, "search_ranks.json"), "w") as f:
-        json.dump({"ranks": ranks, "results_for_attention": titles}, f, indent=1)
-    assert ranks["efficient attention"] == 1
+        json.dump({"frontend": pinned_frontend_version(), "search_aliases_sent": aliases, "ranks": ranks,
+                   "first_results": results}, f, indent=1)
+    assert ranks["efficient attention"] == 1 and ranks["attention"] is not None, ranks
+    if aliases:
+        assert all(rank is not None for rank in ranks.values()), ranks
+
+
+def comfyui_folds(server):
+    """Whether this ComfyUI folds advanced inputs: its own VAEDecodeTiled marks tile_size advanced (0.33.0) or not
+    (0.3.64)."""
+    tiled = server.get("/object_info/VAEDecodeTiled")["VAEDecodeTiled"]["input"]["required"]
+    return bool(tiled["tile_size"][1].get("advanced"))
+
+
+def visible_widgets(driver, node_id):
+    """The widgets the classic canvas draws on the node (1.27.10 has no isWidgetVisible: all but hidden ones)."""
+    return driver.execute_script(
+        "const n = app.graph.getNodeById(arguments[0]); "
+        "return n.widgets.filter(w => n.isWidgetVisible ? n.isWidgetVisible(w) : !w.hidden).map(w => w.name)", node_id)
+
+
+def shoot_node(driver, shots, name, node_id, margin=24):
+    """A screenshot of the classic canvas cropped to the node (with its title), small enough for the docs."""
+    from PIL import Image
+
+    shoot(driver, shots, name)
+    left, top, right, bottom = driver.execute_script(
+        "const n = app.graph.getNodeById(arguments[0]); const box = app.canvas.canvas.getBoundingClientRect(); "
+        "const [x0, y0] = app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT]); "
+        "const [x1, y1] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0], n.pos[1] + n.size[1]]); "
+        "return [box.left + x0 / devicePixelRatio, box.top + y0 / devicePixelRatio, "
+        "box.left + x1 / devicePixelRatio, box.top + y1 / devicePixelRatio];", node_id)
+    path = os.path.join(shots, name)
+    with Image.open(path) as image:
+        box = (max(0, int(left) - margin), max(0, int(top) - margin), min(image.width, int(right) + margin),
+               min(image.height, int(bottom) + margin))
+        image.crop(box).save(path, optimize=True)
+
+
+VUE_NODES = "Comfy.VueNodes.Enabled"  # 1.49.6's "Modern Node Design (Nodes 2.0)"; the classic canvas is the default
+
+
+def set_setting(driver, name, value):
+    driver.execute_async_script("const [name, value, done] = arguments; "
+                                "app.extensionManager.setting.set(name, value).then(() => done(true))", name, value)
+
+
+def vue_node(driver, node_id):
+    return wait_for(driver, "return document.querySelector(`[data-node-id=\"${arguments[0]}\"]`)",
+                    "the node drawn as Nodes 2.0", 10, [node_id])
+
+
+def vue_widget_labels(driver, node_id):
+    """The widget rows Nodes 2.0 shows on the node, by their labels."""
+    return driver.execute_script(
+        "return [...arguments[0].querySelectorAll('.lg-node-widget')].filter(r => r.offsetParent !== null)"
+        ".map(r => r.innerText.split('\\n')[0].trim())", vue_node(driver, node_id))
+
+
+def test_search_box_finds_the_node_and_adds_it(page, server, shots):
+    """Added through the search box: its widgets in their saved order; where ComfyUI folds advanced inputs, the
+    node shows FRONT and folds the rest until "Show Advanced", elsewhere every widget shows; the hover tooltips."""
+    from selenium.webdriver.common.keys import Keys
+
+    from efficient_attention_pop.nodes.efficient_attention import DESCRIPTION, FRONT, INPUTS
 
     new_graph(page)
     box, titles = search_results(page, "attention")
@@ -363,12 +445,50 @@ def test_search_box_finds_the_node_and_adds_it(page, shots):
 
     page.execute_script("const n = app.graph.getNodeById(arguments[0]); n.pos = [300, 150]; "
                         "app.canvas.deselectAll(); app.canvas.setDirty(true, true);", node_id)
+    # the classic canvas (the default in both frontends) draws every widget, as it does ComfyUI's own nodes'
+    # advanced ones (1.49.6 folds those only in Nodes 2.0 and in the side panel)
+    names = [name for name, *_ in INPUTS]
+    shown = visible_widgets(page, node_id)
+    assert shown == names
+    sockets = page.execute_script("return app.graph.getNodeById(arguments[0]).inputs.filter(i => !i.widget)"
+                                  ".map(i => i.name)", node_id)
+    assert sockets == ["model", "mask"], sockets
+    face = {"classic_canvas": shown}
+    if comfyui_folds(server):  # Nodes 2.0: FRONT, the rest behind the node's "Show advanced inputs"
+        set_setting(page, VUE_NODES, True)
+        try:
+            front = [name for name in names if name in FRONT]
+            deadline = time.monotonic() + 10
+            while vue_widget_labels(page, node_id) != front and time.monotonic() < deadline:
+                time.sleep(0.25)
+            face["nodes_2_default"] = vue_widget_labels(page, node_id)
+            assert face["nodes_2_default"] == front
+            node = vue_node(page, node_id)
+            time.sleep(0.5)
+            node.screenshot(os.path.join(shots, "04_node_default_face.png"))
+            node.find_element("css selector", "[data-testid=advanced-inputs-button]").click()
+            wait_for(page, "return app.graph.getNodeById(arguments[0]).showAdvanced", "the advanced inputs", 10,
+                     [node_id])
+            deadline = time.monotonic() + 10
+            while vue_widget_labels(page, node_id) != names and time.monotonic() < deadline:
+                time.sleep(0.25)
+            face["nodes_2_unfolded"] = vue_widget_labels(page, node_id)
+            assert face["nodes_2_unfolded"] == names
+            time.sleep(0.5)
+            vue_node(page, node_id).screenshot(os.path.join(shots, "05_node_advanced_unfolded.png"))
+        finally:
+            set_setting(page, VUE_NODES, False)
+        page.execute_script("app.canvas.setDirty(true, true)")
+    else:
+        shoot_node(page, shots, "04_node_default_face.png", node_id)
+    with open(os.path.join(shots, "node_face.json"), "w") as f:
+        json.dump(face, f, indent=1)
     heads_x, heads_y = page.execute_script(
         "const n = app.graph.getNodeById(arguments[0]); const w = n.widgets.find(w => w.name === 'heads'); "
         "return [n.pos[0] + n.size[0] / 2, n.pos[1] + w.y + 10];", node_id)
     heads_tooltip = next(tooltip for name, _, _, tooltip in INPUTS if name == "heads")
     assert hover_tooltip(page, heads_x, heads_y) == heads_tooltip
-    shoot(page, shots, "04_node_widgets_heads_tooltip.png")
+    shoot(page, shots, "06_node_widgets_heads_tooltip.png")
     title_x, title_y = page.execute_script("const n = app.graph.getNodeById(arguments[0]); "
                                            "return [n.pos[0] + 60, n.pos[1] - 15];", node_id)
     assert hover_tooltip(page, title_x, title_y) == DESCRIPTION
@@ -379,7 +499,7 @@ def test_run_button_runs_a_workflow_with_the_node(page, server, shots):
     entry = run_from_ui(page, server)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert server.saved_latent(entry).shape == (1, 4, 8, 8)
-    shoot_with_queue_panel(page, shots, "05_run_finished.png")
+    shoot_with_queue_panel(page, shots, "07_run_finished.png")
 
 
 def test_error_dialog_names_the_node_and_the_server_goes_on(page, server, shots):
@@ -390,11 +510,11 @@ def test_error_dialog_names_the_node_and_the_server_goes_on(page, server, shots)
     assert entry["status"]["status_str"] == "error", entry["status"]
     report = error_report(page)
     assert NODE_TITLE in report and "Mismatch in tensor dimensions" in report, report
-    shoot(page, shots, "06_error_dialog.png")
+    shoot(page, shots, "08_error_dialog.png")
 
     close_dialogs(page)
     page.execute_script("const n = app.graph.getNodeById(arguments[0]); "
                         "n.widgets.find(w => w.name === 'heads').value = 0;", OUR_NODE_ID)
     after = run_from_ui(page, server)
     assert after["status"]["status_str"] == "success" and server.process.poll() is None
-    shoot_with_queue_panel(page, shots, "07_valid_run_after_the_error.png")
+    shoot_with_queue_panel(page, shots, "09_valid_run_after_the_error.png")
