@@ -8,7 +8,8 @@ from __future__ import annotations
 import inspect
 
 from ..attention.regions import MASK_MODES
-from .patch import APPLY_TO, backend_problem, patch_model, settings_for_model, usable_backends
+from .patch import patch_model
+from .settings import APPLY_TO, backend_problem, settings_for_model, usable_backends
 
 CATEGORY = "model_patches/attention"
 DESCRIPTION = (
