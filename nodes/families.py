@@ -21,7 +21,9 @@ class ModelFamily:
     """How one family's attention calls are laid out.
 
     patch_size: a DiT's latent cells per token, (frames, height, width) (None: a UNet, whose levels halve the
-        latent); the model's own ``patch_size`` replaces this default when the node runs (model_family).
+        latent); the model's own ``patch_size`` replaces this default when the node runs (model_family), unless
+        ``own_patch_size`` is False: the model's attribute counts pixels its latent already packs into channels
+        (Ideogram 4's 128-channel latent, one token per latent cell).
     others_first: where self-attention puts tokens other than the image grid (joint text, register tokens,
         reference frames): True before it [text, image, ...], False after it [image, text, ...]; None: none.
     references_after_image: with others first, reference-image tokens may follow the image (Flux Kontext,
@@ -29,7 +31,10 @@ class ModelFamily:
         from ComfyUI's ``reference_image_num_tokens``, never from what is left over.
     reference_keyword: the apply_model keyword holding reference latents (a list of latents, or one latent).
     references_before_image: those reference tokens sit just before the image instead (HunyuanVideo's ref_latent
-        in ComfyUI that sets img_slice, where the image part is [reference, image]).
+        in ComfyUI that sets img_slice, where the image part is [reference, image]; OmniGen2 and Boogu's
+        [text, references, image]).
+    reference_stream: self-attention over [references, image] without the text also occurs (Boogu's double-stream
+        image attention).
     text_before_image: the tokens before the image (less references before it) are exactly this model call's text
         (c_crossattn), padded up to ``text_padding_multiple`` where given (Z-Image): a count that differs means
         the layout is not what the pack knows, and it is not used.
@@ -50,10 +55,12 @@ class ModelFamily:
 
     name: str
     patch_size: Optional[Tuple[int, int, int]] = None
+    own_patch_size: bool = True
     others_first: Optional[bool] = None
     references_after_image: bool = False
     reference_keyword: Optional[str] = None
     references_before_image: bool = False
+    reference_stream: bool = False
     text_before_image: bool = False
     text_padding_multiple: Optional[int] = None
     image_padding_multiple: Optional[int] = None
@@ -79,6 +86,7 @@ _WAN = dict(cross_attention=True, context_keywords=("clip_fea",))
 _AUDIO = "its latent is audio, with no image grid to place a mask on"
 _JOINT_TEXT_FIRST = dict(others_first=True, text_before_image=True)
 _REFERENCES_AFTER = dict(references_after_image=True, reference_keyword="ref_latents")
+_REFERENCES_BEFORE = dict(references_before_image=True, reference_keyword="ref_latents")
 
 # Class name of a diffusion model, or of one of its base classes -> family, as each model's forward in ComfyUI
 # lays out its tokens (0.3.64 and 0.33; see docs/model-families.md). A subclass inherits its base's knowledge; every
@@ -102,11 +110,16 @@ FAMILIES: Dict[str, ModelFamily] = {
     "AsymmDiTJoint": _dit("Mochi", others_first=False),
     "GeneralDIT": _dit("Cosmos", cross_attention=True),
     "MiniTrainDIT": _dit("Cosmos Predict2", cross_attention=True),
-    "OmniGen2Transformer2DModel": _dit("OmniGen2", others_first=True, layout_changing_keywords=("ref_latents",)),
+    "OmniGen2Transformer2DModel": _dit("OmniGen2", **_JOINT_TEXT_FIRST, **_REFERENCES_BEFORE),  # [text, refs, image]
     "AudioDiffusionTransformer": _dit("Stable Audio", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
     "ACEStepTransformer2DModel": _dit("ACE-Step", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
     "Hunyuan3Dv2": _dit("Hunyuan3D v2", patch_size=1, others_first=True,
                         mask_unsupported="its latent is a 3-D shape, with no image grid to place a mask on"),
+    # ComfyUI 0.33 families (issue 24)
+    "SingleStreamDiT": _dit("Krea 2", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),  # [text, image, refs]; img_slice set
+    "Ideogram4Transformer2DModel": ModelFamily("Ideogram 4", patch_size=(1, 1, 1), own_patch_size=False,
+                                               **_JOINT_TEXT_FIRST),  # [text, image] (image only without context)
+    "BooguTransformer2DModel": _dit("Boogu", **_JOINT_TEXT_FIRST, **_REFERENCES_BEFORE, reference_stream=True),
 }
 
 
@@ -155,7 +168,7 @@ def model_family(diffusion_model) -> ModelFamily:
     recognised = own if base is type(diffusion_model) else f"{own}, a subclass of {base.__name__}"
     family = replace(family, recognised_as=recognised)
     if not family.is_unet:
-        patch = _patch_size_of(diffusion_model)
+        patch = _patch_size_of(diffusion_model) if family.own_patch_size else None
         if patch is not None:
             family = replace(family, patch_size=patch)
         multiple = getattr(diffusion_model, "pad_tokens_multiple", None)
@@ -352,9 +365,20 @@ def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall
         return None, None
     if others == 0:
         return replace(grid, after=padding), None
+    if tokens in _text_or_reference_counts(family, model_call):
+        return None, None  # a text refiner's or a reference refiner's call: no image grid in it
     if family.others_first is False:
         return replace(grid, after=others + padding), None
     return _dit_layout(family, grid, tokens, others, padding, model_call, options)
+
+
+def _text_or_reference_counts(family: ModelFamily, model_call: ModelCall) -> set:
+    """Token counts of calls over this model call's text alone (padded where the family pads it) or its references
+    alone: refiners, whose sequences hold no image grid."""
+    counts = {model_call.reference_tokens} if model_call.reference_tokens else set()
+    if model_call.text_tokens:
+        counts |= {model_call.text_tokens, _round_up(model_call.text_tokens, family.text_padding_multiple)}
+    return counts
 
 
 def _dit_layout(family: ModelFamily, grid: TokenLayout, tokens: int, others: int, padding: int,
@@ -376,7 +400,8 @@ def _dit_layout(family: ModelFamily, grid: TokenLayout, tokens: int, others: int
     if family.text_before_image and text is not None:
         expected = _round_up(text, family.text_padding_multiple) if text or not family.text_padding_multiple \
             else family.text_padding_multiple  # Z-Image pads an empty caption to one multiple
-        if before != expected + references_before:
+        without_text = family.reference_stream and references_before and before == references_before
+        if before != expected + references_before and not without_text:
             return None, (f"{where} leave {before} tokens before the image, where this call's text"
                           f"{' and references' if references_before else ''} are {expected + references_before}"
                           f"{f' and {references_after} reference tokens follow it' if references_after else ''}")

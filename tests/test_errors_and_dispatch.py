@@ -100,7 +100,7 @@ def test_explicit_backend_that_cannot_serve_lists_reasons():
     assert "is_causal is not supported" in str(info.value) and "not a key-padding mask" in str(info.value)
     kv = torch.randn(2, 5, 4)
     with pytest.raises(BackendNotSupported, match="grouped-query attention"):
-        attention(q, kv, kv, 2, backend="linear", enable_gqa=True)
+        attention(q, kv, kv, 2, backend="linear_triton", enable_gqa=True)
 
 
 def test_explain_names_choice_and_reasons(monkeypatch):

@@ -178,6 +178,22 @@ def test_refusals_say_why():
         run("todo", q, k, v, layout=layout, agents=4)
 
 
+@pytest.mark.parametrize("backend, options", [("todo", {"downsample": 2}), ("window", {"window": 8, "downsample": 2}),
+                                              ("agent", {"agents": 4}), ("linear", {})])
+def test_grouped_query_keys_serve_as_if_repeated_to_every_query_head(backend, options):
+    """OmniGen2, Boogu and HiDream-O1 call attention with fewer k/v heads (enable_gqa): each group of query heads
+    reads its shared k/v head, exactly as the same call with those heads repeated."""
+    layout = TokenLayout(1, 12, 10, before=3, after=2)
+    q, k, v = split_inputs(layout, heads=4, seed=5)
+    k, v = k[:, :2], v[:, :2]  # 2 k/v heads for 4 query heads: heads 0-1 read k/v head 0, heads 2-3 head 1
+    grouped = attention(q, k, v, 4, backend=backend, layout=layout, skip_reshape=True, skip_output_reshape=True,
+                        enable_gqa=True, **options)
+    repeated = run(backend, q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), layout=layout, **options)
+    assert_close(grouped, repeated, torch.float32, f"{backend} with GQA")
+    shuffled = run(backend, q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), layout=layout, **options)
+    assert not torch.allclose(grouped, shuffled, atol=1e-3)  # heads 1 and 2 would read the wrong group
+
+
 def test_auto_never_picks_them():
     layout = TokenLayout(1, 4, 4, before=2)
     q, k, v = split_inputs(layout)

@@ -69,7 +69,6 @@ class AgentBackend(Backend):
                    "(docs/quality.md), so it stays in the library")
     benchmark_options = ({"agents": 64}, {"agents": 256}, {"agents": 1024})
     causal = False
-    gqa = False
     dense_masks = KEY_PADDING
     region_masks = grid_region_reason("pooling queries into agents")
 
@@ -81,4 +80,4 @@ class AgentBackend(Backend):
         return reasons
 
     def forward(self, call: AttentionCall) -> torch.Tensor:
-        return agent_attention(call, call.layout, self.option(call, "agents"))
+        return agent_attention(call.with_kv_heads_repeated(), call.layout, self.option(call, "agents"))

@@ -1,11 +1,12 @@
 """What every backend is: a small class that declares what it supports and says why not."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..heads import repeat_kv_heads
 from ..layout import TokenLayout
 from ..masks import NormalizedMask
 
@@ -36,6 +37,14 @@ class AttentionCall:
     @property
     def dtype(self) -> torch.dtype:
         return self.q.dtype
+
+    def with_kv_heads_repeated(self) -> "AttentionCall":
+        """This call with grouped-query k/v repeated to q's heads (itself where there is no GQA), for backends
+        that serve GQA that way (the grid approximations and linear)."""
+        if not self.enable_gqa:
+            return self
+        heads = self.q.shape[1]
+        return replace(self, k=repeat_kv_heads(self.k, heads), v=repeat_kv_heads(self.v, heads), enable_gqa=False)
 
 
 ANY, KEY_PADDING, NONE = "any", "key-padding", "none"  # the dense masks a backend takes

@@ -125,8 +125,8 @@ class LinearBackend(Backend):
     description = ("approximate; Efficient Attention (Shen et al. 2021), O(N) memory and time, one context for "
                    "all queries (so not causal); key-padding and region masks")
     causal = False
-    gqa = False
     dense_masks = KEY_PADDING
 
     def forward(self, call: AttentionCall) -> torch.Tensor:
+        call = call.with_kv_heads_repeated()
         return linear_attention(call.q, call.k, call.v, call.mask, call.scale)

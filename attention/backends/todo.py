@@ -132,7 +132,6 @@ class ToDoBackend(Backend):
     option_defaults = {"downsample": 2}
     benchmark_options = tuple({"downsample": f} for f in DOWNSAMPLE_FACTORS)
     causal = False
-    gqa = False
     dense_masks = KEY_PADDING
     region_masks = grid_region_reason("pooling keys")
 
@@ -144,4 +143,4 @@ class ToDoBackend(Backend):
         return reasons
 
     def forward(self, call: AttentionCall) -> torch.Tensor:
-        return todo_attention(call, call.layout, self.option(call, "downsample"))
+        return todo_attention(call.with_kv_heads_repeated(), call.layout, self.option(call, "downsample"))

@@ -174,7 +174,6 @@ class WindowBackend(Backend):
                          {"window": 16, "downsample": 2}, {"window": 16, "downsample": 4},
                          {"window": 32, "downsample": 4})
     causal = False
-    gqa = False
     dense_masks = KEY_PADDING
     region_masks = grid_region_reason("pooling keys")
 
@@ -188,4 +187,5 @@ class WindowBackend(Backend):
         return reasons
 
     def forward(self, call: AttentionCall) -> torch.Tensor:
-        return window_attention(call, call.layout, self.option(call, "window"), self.option(call, "downsample"))
+        return window_attention(call.with_kv_heads_repeated(), call.layout, self.option(call, "window"),
+                                self.option(call, "downsample"))
