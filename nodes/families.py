@@ -38,9 +38,16 @@ class ModelFamily:
     text_before_image: the tokens before the image (less references before it) are exactly this model call's text
         (c_crossattn), padded up to ``text_padding_multiple`` where given (Z-Image): a count that differs means
         the layout is not what the pack knows, and it is not used.
+    text_after_image: the image comes first, and the tokens after it are exactly this model call's reference tokens
+        (``reference_keyword``) and then its text, nothing else (JoyImage [image, references, text], Lens).
+    text_limit: the most text tokens the model lets into attention (PixelDiT cuts its text to ``txt_max_length``,
+        read from the model when the node runs).
     image_padding_multiple: the image tokens are followed by padding up to a multiple of this (Z-Image); read
         from the model's ``pad_tokens_multiple`` when the node runs.
     cross_attention: separate cross-attention calls whose keys are text (or CLIP image, audio) tokens.
+    text_self_attention: with cross_attention, the text also attends to itself alone first (Kandinsky 5's text
+        blocks): a call whose queries and keys are exactly the text, and whose queries are not the image, is
+        self-attention.
     keys_append_text: self-attention keys are [image tokens, text tokens] (Stable Cascade).
     context_keywords: apply_model keywords whose token count is the key count of a cross-attention call
         (besides c_crossattn), e.g. Wan's CLIP image features.
@@ -63,8 +70,11 @@ class ModelFamily:
     reference_stream: bool = False
     text_before_image: bool = False
     text_padding_multiple: Optional[int] = None
+    text_after_image: bool = False
+    text_limit: Optional[int] = None
     image_padding_multiple: Optional[int] = None
     cross_attention: bool = False
+    text_self_attention: bool = False
     keys_append_text: bool = False
     context_keywords: Tuple[str, ...] = ()
     fixed_context_tokens: Tuple[int, ...] = ()
@@ -116,6 +126,13 @@ FAMILIES: Dict[str, ModelFamily] = {
     "Hunyuan3Dv2": _dit("Hunyuan3D v2", patch_size=1, others_first=True,
                         mask_unsupported="its latent is a 3-D shape, with no image grid to place a mask on"),
     # ComfyUI 0.33 families (issue 24)
+    "Kandinsky5": _dit("Kandinsky 5", cross_attention=True, text_self_attention=True),  # text blocks; video self, cross
+    "CogVideoXTransformer3DModel": _dit("CogVideoX", **_JOINT_TEXT_FIRST),  # [text, video]; 1.5: patch_size_t 2
+    "JoyImageTransformer3DModel": _dit("JoyImage", others_first=False, text_after_image=True,
+                                       reference_keyword="ref_latents"),  # [image, references, text]
+    "LensTransformer2DModel": ModelFamily("Lens", patch_size=(1, 1, 1), own_patch_size=False, others_first=False,
+                                          text_after_image=True),  # [image, text], one token per latent cell
+    "PixDiT_T2I": _dit("PixelDiT", patch_size=16, **_JOINT_TEXT_FIRST),  # pixels: [text, image]; pixel blocks: image
     "SingleStreamDiT": _dit("Krea 2", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),  # [text, image, refs]; img_slice set
     "Ideogram4Transformer2DModel": ModelFamily("Ideogram 4", patch_size=(1, 1, 1), own_patch_size=False,
                                                **_JOINT_TEXT_FIRST),  # [text, image] (image only without context)
@@ -124,8 +141,9 @@ FAMILIES: Dict[str, ModelFamily] = {
 
 
 def _patch_size_of(diffusion_model) -> Optional[Tuple[int, int, int]]:
-    """The model's own latent cells per token (frames, height, width), from its ``patch_size`` (an int, or a list
-    or tuple of 2 or 3), ``patch`` or ``patch_temporal``/``patch_spatial`` attributes; None where it says none."""
+    """The model's own latent cells per token (frames, height, width), from its ``patch_size`` (an int, beside
+    CogVideoX 1.5's ``patch_size_t`` frames, or a list or tuple of 2 or 3), ``patch`` or
+    ``patch_temporal``/``patch_spatial`` attributes; None where it says none."""
     spatial = getattr(diffusion_model, "patch_spatial", None)
     if isinstance(spatial, int):
         temporal = getattr(diffusion_model, "patch_temporal", 1)
@@ -133,7 +151,8 @@ def _patch_size_of(diffusion_model) -> Optional[Tuple[int, int, int]]:
     for name in ("patch_size", "patch"):
         value = getattr(diffusion_model, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return (1, value, value)
+            temporal = getattr(diffusion_model, "patch_size_t", None)
+            return (temporal if isinstance(temporal, int) and temporal > 0 else 1, value, value)
         if isinstance(value, (list, tuple)) and len(value) in (2, 3) and all(
                 isinstance(v, int) and v > 0 for v in value):
             return tuple(value) if len(value) == 3 else (1, value[0], value[1])
@@ -175,6 +194,9 @@ def model_family(diffusion_model) -> ModelFamily:
         if isinstance(multiple, int) and multiple > 1:  # Z-Image: caption and image each padded to a multiple
             family = replace(family, image_padding_multiple=multiple, text_padding_multiple=multiple,
                              text_before_image=True)
+        limit = getattr(diffusion_model, "txt_max_length", None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:  # PixelDiT: text cut to this
+            family = replace(family, text_limit=limit)
     if base.__name__ == "HunyuanVideo" and "img_slice" in _code_constants(base):
         # the HunyuanVideo that sets img_slice (ComfyUI 0.14 and later) builds [text, reference latent, image]
         family = replace(family, others_first=True, references_before_image=True, reference_keyword="ref_latent",
@@ -236,6 +258,8 @@ def read_model_call(family: ModelFamily, settings: PatchSettings, latent: torch.
     if not settings.full_window and isinstance(sigmas, torch.Tensor) and sigmas.numel():
         active = settings.active_at(float(sigmas.flatten()[0]))
     text_tokens = context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
+    if text_tokens is not None and family.text_limit:
+        text_tokens = min(text_tokens, family.text_limit)
     context_tokens = set(family.fixed_context_tokens) | ({text_tokens} if text_tokens is not None else set())
     for keyword in family.context_keywords:
         extra = extra_conds.get(keyword)
@@ -325,8 +349,9 @@ def is_self_attention(family: ModelFamily, query_tokens: int, key_tokens: int, m
     if query_tokens == key_tokens:
         if not (family.cross_attention and key_tokens in context):
             return True
-        if query_is_image is False:
-            return False  # keys as long as a context, queries not an image grid: e.g. HuMo's per-frame audio attention
+        if query_is_image is False:  # keys as long as a context, queries not an image grid: the text alone
+            # (Kandinsky 5's text blocks), else cross-attention (e.g. HuMo's per-frame audio attention)
+            return family.text_self_attention and key_tokens == model_call.text_tokens
         return model_call.tie_break(key_tokens)
     if family.keys_append_text and key_tokens > query_tokens:
         return True
@@ -368,7 +393,7 @@ def call_layout(family: ModelFamily, tokens: int, model_call: Optional[ModelCall
     if tokens in _text_or_reference_counts(family, model_call):
         return None, None  # a text refiner's or a reference refiner's call: no image grid in it
     if family.others_first is False:
-        return replace(grid, after=others + padding), None
+        return _image_first_layout(family, grid, tokens, others, padding, model_call, options)
     return _dit_layout(family, grid, tokens, others, padding, model_call, options)
 
 
@@ -379,6 +404,22 @@ def _text_or_reference_counts(family: ModelFamily, model_call: ModelCall) -> set
     if model_call.text_tokens:
         counts |= {model_call.text_tokens, _round_up(model_call.text_tokens, family.text_padding_multiple)}
     return counts
+
+
+def _image_first_layout(family: ModelFamily, grid: TokenLayout, tokens: int, others: int, padding: int,
+                        model_call: ModelCall, options: dict) -> Tuple[Optional[TokenLayout], Optional[str]]:
+    """[image, others]: with ``text_after_image`` the others must be this call's references and then its text."""
+    text = model_call.text_tokens
+    if family.text_after_image and text is not None:
+        counted = options.get("reference_image_num_tokens")
+        references = (sum(counted) if isinstance(counted, (list, tuple)) and all(isinstance(c, int) for c in counted)
+                      else model_call.reference_tokens)
+        if others != references + text:
+            return None, (f"{tokens} tokens with a {grid.frames}x{grid.height}x{grid.width} image grid (latent "
+                          f"{model_call.latent_shape}, patch {family.patch_size}) leave {others} tokens after the "
+                          f"image, where this call's {f'{references} reference and ' if references else ''}{text} "
+                          "text tokens are expected")
+    return replace(grid, after=others + padding), None
 
 
 def _dit_layout(family: ModelFamily, grid: TokenLayout, tokens: int, others: int, padding: int,

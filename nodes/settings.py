@@ -98,7 +98,8 @@ def backend_problem(backend: str) -> Optional[str]:
 
 HEAD_COUNT_ATTRIBUTES = ("heads", "num_heads", "n_heads", "heads_num", "n_local_heads", "num_attention_heads")
 HEAD_DIM_ATTRIBUTES = ("dim_head", "head_dim", "d_head", "dim_heads", "attention_head_dim")
-QUERY_PROJECTIONS = {"to_q": 1, "q": 1, "q_proj": 1, "wq": 1, "query": 1, "qkv": 3, "to_qkv": 3, "qkv_proj": 3}
+QUERY_PROJECTIONS = {"to_q": 1, "q": 1, "q_proj": 1, "wq": 1, "query": 1, "qkv": 3, "to_qkv": 3, "qkv_proj": 3,
+                     "img_attn_qkv": 3}  # JoyImage
 
 
 def attention_widths(diffusion_model) -> frozenset:

@@ -888,6 +888,67 @@ def _hunyuan_video15_inputs():
                    ref_latent=_randn(g, 1, 16, 1, 8, 8))
 
 
+# Kandinsky 5, CogVideoX, JoyImage, Lens, PixelDiT T2I (issue 24)
+KANDINSKY5 = dict(image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=32, in_text_dim2=32,
+                  time_dim=32, model_dim=64, ff_dim=128, visual_embed_dim=132, patch_size=(1, 2, 2), num_text_blocks=1,
+                  num_visual_blocks=1, axes_dims=(8, 12, 12))  # video: 16 latent + 17 concat channels, 2x2 patches
+KANDINSKY5_IMAGE = dict(KANDINSKY5, visual_embed_dim=64)  # Kandinsky 5 Image: no concat channels
+KANDINSKY5_TEXT = 8
+COGVIDEOX = dict(image_model="cogvideox", num_attention_heads=2, attention_head_dim=48, in_channels=16, out_channels=16,
+                 time_embed_dim=32, text_embed_dim=32, num_layers=1, sample_width=16, sample_height=16,
+                 sample_frames=9, patch_size=2, max_text_seq_length=16)  # CogVideoX 2B: sin-cos positions, 2-D patches
+COGVIDEOX15 = dict(COGVIDEOX, patch_size_t=2, use_rotary_positional_embeddings=True)  # 1.5: 2 latent frames a token
+COGVIDEOX_TEXT = 8
+JOYIMAGE = dict(image_model="joyimage", patch_size=[1, 2, 2], in_channels=16, hidden_size=256, num_attention_heads=2,
+                text_dim=32, num_layers=1, rope_dim_list=[16, 56, 56], theta=10000)  # the config's RoPE: heads of 128
+JOYIMAGE_TEXT = 8
+LENS = dict(image_model="lens", patch_size=2, in_channels=128, out_channels=32, num_layers=1, attention_head_dim=32,
+            num_attention_heads=2, enc_hidden_dim=16, axes_dims_rope=(8, 12, 12))  # 4 text-encoder layers of 16
+LENS_TEXT = 8
+PIXELDIT = dict(image_model="pixeldit_t2i", in_channels=3, num_groups=2, hidden_size=64, pixel_hidden_size=8,
+                pixel_attn_hidden_size=32, pixel_num_groups=2, patch_depth=1, pixel_depth=1, patch_size=16,
+                txt_embed_dim=32, txt_max_length=6)  # text cut to 6 tokens (300 in the checkpoint)
+PIXELDIT_TEXT = 8
+
+
+def _kandinsky5_inputs(image=False):
+    g = _gen(160)
+    if image:  # Kandinsky 5 Image: a 4-D Flux latent, 8 x 8 tokens
+        x, sigma, conds = _randn(g, 2, 16, 16, 16), _sigma("Kandinsky5Image", KANDINSKY5_IMAGE, "FLOW", 2), {}
+    else:  # video: 3 x 4 x 4 tokens; concat_cond: a zero image and the mask (17 channels)
+        x, sigma = _wan_x(g), _sigma("Kandinsky5", KANDINSKY5, "FLOW", 2)
+        conds = dict(c_concat=torch.cat([torch.zeros(2, 16, WAN_FRAMES, 8, 8), torch.ones(2, 1, WAN_FRAMES, 8, 8)], 1))
+    return _inputs(x, sigma, c_crossattn=_randn(g, 2, KANDINSKY5_TEXT, 32), y=_randn(g, 2, 32), **conds)
+
+
+def _cogvideox_inputs(v15=False):
+    g = _gen(161)  # 3 latent frames of 8 x 8: 3 x 4 x 4 tokens (1.5: frames padded to 4, 2 x 4 x 4 tokens)
+    return _inputs(_wan_x(g), _sigma("CogVideoX_T2V", COGVIDEOX15 if v15 else COGVIDEOX, "V_PREDICTION_DDPM", 2),
+                   c_crossattn=_randn(g, 2, COGVIDEOX_TEXT, 32))
+
+
+def _joyimage_inputs(ref=False):
+    g = _gen(162)  # Wan 2.1's 5-D latent, one frame: 8 x 8 image tokens; a reference of 6 x 8 after them
+    conds = dict(c_crossattn=_randn(g, 2, JOYIMAGE_TEXT, 32))
+    if ref:
+        conds["ref_latents"] = [_randn(g, 2, 16, 1, 12, 16)]
+    return _inputs(_randn(g, 2, 16, 1, 16, 16), _sigma("JoyImage", JOYIMAGE, "FLOW", 2), **conds)
+
+
+def _lens_inputs():
+    g = _gen(163)  # Flux 2's 128-channel latent, one token per latent cell: 8 x 6; the last text token padding
+    mask = torch.ones(2, LENS_TEXT)
+    mask[:, -1] = 0.0
+    return _inputs(_randn(g, 2, 128, 8, 6), _sigma("Lens", LENS, "FLUX", 2),
+                   c_crossattn=_randn(g, 2, LENS_TEXT, 4 * 16), attention_mask=mask)
+
+
+def _pixeldit_inputs():
+    g = _gen(164)  # pixels, 16 x 16 patches: 96 x 80, 6 x 5 tokens; 8 text tokens cut to 6
+    return _inputs(_randn(g, 2, 3, 96, 80), _sigma("PixelDiTT2I", PIXELDIT, "FLOW", 2),
+                   c_crossattn=_randn(g, 2, PIXELDIT_TEXT, 32))
+
+
 # (config class that must exist in the loaded ComfyUI, case)
 NEWER_CASES = [
     ("Flux2", FamilyCase(
@@ -901,6 +962,37 @@ NEWER_CASES = [
         _hunyuan_video15_inputs, 7,
         "the HunyuanVideo class, text first: [CLIP vision, byT5, LLM text, reference latent, video]; img_slice set "
         "for the single blocks")),
+    ("Kandinsky5", FamilyCase(
+        "Kandinsky 5 (video)", _builder("Kandinsky5", KANDINSKY5, "Kandinsky5", 60), _kandinsky5_inputs,
+        KANDINSKY5_TEXT,
+        "text blocks (self-attention over the text alone), then visual blocks: self-attention over the video tokens "
+        "and cross-attention to the text; heads=, skip_reshape")),
+    ("Kandinsky5Image", FamilyCase(
+        "Kandinsky 5 Image", _builder("Kandinsky5Image", KANDINSKY5_IMAGE, "Kandinsky5Image", 61),
+        functools.partial(_kandinsky5_inputs, image=True), KANDINSKY5_TEXT,
+        "the Kandinsky5 class on a 4-D image latent (one frame)")),
+    ("CogVideoX_T2V", FamilyCase(
+        "CogVideoX", _builder("CogVideoX_T2V", COGVIDEOX, "CogVideoX", 62), _cogvideox_inputs, COGVIDEOX_TEXT,
+        "joint [text, video] self-attention in every block; heads=, (B, N, heads*d), no mask")),
+    ("CogVideoX_T2V", FamilyCase(
+        "CogVideoX 1.5 (temporal patch 2)", _builder("CogVideoX_T2V", COGVIDEOX15, "CogVideoX", 63),
+        functools.partial(_cogvideox_inputs, v15=True), COGVIDEOX_TEXT,
+        "as CogVideoX with patch_size_t=2 (2 latent frames a token, frames padded) and rotary positions")),
+    ("JoyImage", FamilyCase(
+        "JoyImage", _builder("JoyImage", JOYIMAGE, "JoyImage", 64), _joyimage_inputs, JOYIMAGE_TEXT,
+        "double blocks joint over [image, text]; heads=, (B, N, heads*d)")),
+    ("JoyImage", FamilyCase(
+        "JoyImage Edit (reference image)", _builder("JoyImage", JOYIMAGE, "JoyImage", 64),
+        functools.partial(_joyimage_inputs, ref=True), JOYIMAGE_TEXT,
+        "as JoyImage with the reference latents' tokens between image and text: [image, reference, text]")),
+    ("Lens", FamilyCase(
+        "Lens", _builder("Lens", LENS, "Lens", 65), _lens_inputs, LENS_TEXT,
+        "joint [image, text] over a 128-channel latent, one token per latent cell (the model's patch_size 2 counts "
+        "pixels packed in the channels); the text mask as an additive (B, 1, 1, N) mask, skip_reshape")),
+    ("PixelDiTT2I", FamilyCase(
+        "PixelDiT T2I", _builder("PixelDiTT2I", PIXELDIT, "PixelDiTT2I", 66), _pixeldit_inputs, 6,
+        "pixel space, 16 x 16 pixel patches: patch blocks joint [text cut to txt_max_length, image], then pixel "
+        "blocks' self-attention over the patch tokens; heads positional, skip_reshape")),
 ]
 
 # Wan 2.2 S2V: ComfyUI 0.3.64's WanModel_S2V calls its blocks without transformer_options (they get the {} default);

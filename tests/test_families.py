@@ -7,8 +7,8 @@ from dataclasses import replace
 import torch
 
 from efficient_attention_pop.attention import TokenLayout
-from efficient_attention_pop.nodes.families import (FAMILIES, ModelCall, ModelFamily, mask_verdict, place_call,
-                                                     read_model_call)
+from efficient_attention_pop.nodes.families import (FAMILIES, ModelCall, ModelFamily, mask_verdict, model_family,
+                                                     place_call, read_model_call)
 from efficient_attention_pop.nodes.settings import PatchSettings
 
 
@@ -117,3 +117,43 @@ def test_read_model_call_counts_the_context_and_reads_the_schedule_window_once()
     assert inside.active and inside.context_tokens == {512, 257} and inside.text_tokens == 512
     outside = read_model_call(wan, settings, torch.zeros(1, 16, 3, 8, 8), torch.tensor([9.0]), None, {})
     assert not outside.active and outside.text_tokens is None
+
+
+def _stub(class_name, **attributes):
+    """An object of a class named like a ComfyUI diffusion model, with the given attributes (model_family reads
+    only the class name and attributes)."""
+    return type(class_name, (), attributes)()
+
+
+def test_kandinsky5_text_blocks_are_self_attention_and_its_video_cross_attention_is_not():
+    kandinsky = replace(FAMILIES["Kandinsky5"], patch_size=(1, 2, 2))
+    call = model_call((1, 16, 3, 8, 8), text=20)
+    text_block = place_call(kandinsky, 20, 20, call)  # the text alone, before the visual blocks
+    assert text_block.self_attention is True and text_block.key is None and text_block.problem is None
+    video = place_call(kandinsky, 48, 48, call)
+    assert video.self_attention is True and video.key == TokenLayout(3, 4, 4)
+    assert place_call(kandinsky, 48, 20, call).self_attention is False
+    humo = replace(FAMILIES["HumoWanModel"], patch_size=(1, 2, 2))  # without the rule: per-frame audio, cross
+    assert place_call(humo, 16, 16, model_call((1, 16, 3, 8, 8), text=20, context=(16,))).self_attention is False
+
+
+def test_image_first_families_count_references_and_text_after_the_image_and_refuse_a_shift():
+    joy = replace(FAMILIES["JoyImageTransformer3DModel"], patch_size=(1, 2, 2))
+    call = model_call((1, 16, 1, 16, 16), text=8, references=48)  # [image 8 x 8, reference 6 x 8, text]
+    assert place_call(joy, 64 + 48 + 8, 64 + 48 + 8, call).key == TokenLayout(1, 8, 8, after=56)
+    shifted = place_call(joy, 64 + 48 + 9, 64 + 48 + 9, call)
+    assert shifted.key is None and "48 reference and 8 text tokens" in shifted.problem
+    lens = FAMILIES["LensTransformer2DModel"]
+    assert place_call(lens, 48 + 8, 48 + 8, model_call((1, 128, 8, 6), text=8)).key == TokenLayout(1, 8, 6, after=8)
+
+
+def test_the_model_says_its_patch_and_text_limit_lens_patch_size_does_not_cut_its_latent():
+    assert model_family(_stub("CogVideoXTransformer3DModel", patch_size=2, patch_size_t=None)).patch_size == (1, 2, 2)
+    assert model_family(_stub("CogVideoXTransformer3DModel", patch_size=2, patch_size_t=2)).patch_size == (2, 2, 2)
+    assert model_family(_stub("LensTransformer2DModel", patch_size=2)).patch_size == (1, 1, 1)
+    pixeldit = model_family(_stub("PixDiT_T2I", patch_size=16, txt_max_length=300))
+    assert pixeldit.patch_size == (1, 16, 16) and pixeldit.text_limit == 300
+    long_text = read_model_call(pixeldit, PatchSettings(), torch.zeros(1, 3, 64, 64), torch.tensor([1.0]),
+                                torch.zeros(1, 400, 8), {})
+    assert long_text.text_tokens == 300  # PixelDiT cuts its text to txt_max_length before attention
+    assert place_call(pixeldit, 300 + 16, 300 + 16, long_text).key == TokenLayout(1, 4, 4, before=300)
