@@ -85,6 +85,9 @@ def fit_to_comfyui(unet_config: dict) -> dict:
 def _config(config_name: str, unet_config: dict):
     comfy = _comfy()
     config = getattr(comfy.supported_models, config_name)(fit_to_comfyui(unet_config))
+    # a config's unet_extra_config (a checkpoint's fixed sizes, e.g. Ideogram 4's 18 heads of 256) overrides what
+    # detection found; a tiny instance keeps the sizes it gives
+    config.unet_config.update({k: v for k, v in unet_config.items() if k in type(config).unet_extra_config})
     config.set_inference_dtype(torch.float32, None)  # what comfy.sd does when it loads a checkpoint
     return config
 
@@ -888,6 +891,41 @@ def _hunyuan_video15_inputs():
                    ref_latent=_randn(g, 1, 16, 1, 8, 8))
 
 
+KREA2 = dict(image_model="krea2", features=128, tdim=32, txtdim=32, heads=2, kvheads=1, multiplier=2, layers=1, patch=2,
+             channels=16, bias=False, theta=1000, txtlayers=2, txtheads=2, txtkvheads=2)
+KREA2_TEXT = 8
+IDEOGRAM4 = dict(image_model="ideogram4", in_channels=128, num_layers=1, num_attention_heads=2, attention_head_dim=32,
+                 intermediate_size=128, adaln_dim=32, llm_features_dim=32, rope_theta=10000, mrope_section=[6, 5, 5],
+                 norm_eps=1e-5)
+IDEOGRAM4_TEXT = 8
+BOOGU = dict(image_model="boogu", patch_size=2, in_channels=16, out_channels=None, hidden_size=128, num_layers=1,
+             num_double_stream_layers=1, num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+             ffn_dim_multiplier=None, norm_eps=1e-5, axes_dim_rope=[16, 24, 24], axes_lens=[1024, 1664, 1664],
+             instruction_feat_dim=32, timestep_scale=1000.0)
+
+
+def _krea2_inputs(ref=False):
+    g = _gen(153)  # Wan 2.1's latent: (B, 16, 1, H, W); 8 x 8 image tokens after the fused text (2 layers of 32)
+    conds = dict(c_crossattn=_randn(g, 2, KREA2_TEXT, 2 * 32))
+    if ref:  # [text, image, reference]: ComfyUI says the reference's count in reference_image_num_tokens
+        conds.update(ref_latents=[_randn(g, 2, 16, 1, 12, 16)], ref_latents_method="index")
+    return _inputs(_randn(g, 2, 16, 1, 16, 16), _sigma("Krea2", KREA2, "FLUX", 2), **conds)
+
+
+def _ideogram4_inputs():
+    g = _gen(154)  # Flux 2's 128-channel latent: one token per latent cell (2 x 2 pixels packed in the channels)
+    return _inputs(_randn(g, 2, 128, 8, 6), _sigma("Ideogram4", IDEOGRAM4, "FLOW", 2),
+                   c_crossattn=_randn(g, 2, IDEOGRAM4_TEXT, 32))
+
+
+def _boogu_inputs(ref=False):
+    g = _gen(155)
+    conds = dict(c_crossattn=_randn(g, 2, OMNIGEN_TEXT, 32), num_tokens=OMNIGEN_TEXT)
+    if ref:
+        conds["ref_latents"] = [_randn(g, 2, 16, 12, 16)]
+    return _inputs(_randn(g, 2, 16, 16, 16), _sigma("Boogu", BOOGU, "FLOW", 2), **conds)
+
+
 # Kandinsky 5, CogVideoX, JoyImage, Lens, PixelDiT T2I (issue 24)
 KANDINSKY5 = dict(image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=32, in_text_dim2=32,
                   time_dim=32, model_dim=64, ff_dim=128, visual_embed_dim=132, patch_size=(1, 2, 2), num_text_blocks=1,
@@ -962,6 +1000,24 @@ NEWER_CASES = [
         _hunyuan_video15_inputs, 7,
         "the HunyuanVideo class, text first: [CLIP vision, byT5, LLM text, reference latent, video]; img_slice set "
         "for the single blocks")),
+    ("Krea2", FamilyCase(
+        "Krea 2", _builder("Krea2", KREA2, "Krea2", 53), _krea2_inputs, KREA2_TEXT,
+        "text fusion over each of the text encoder's layers (batch B x layers) and refiners (text only), then single "
+        "stream [text, image] blocks with img_slice; k/v heads repeated before the call")),
+    ("Krea2", FamilyCase(
+        "Krea 2 (reference image)", _builder("Krea2", KREA2, "Krea2", 53), functools.partial(_krea2_inputs, ref=True),
+        KREA2_TEXT, "as Krea 2 with the reference's tokens after the image: [text, image, reference]")),
+    ("Ideogram4", FamilyCase(
+        "Ideogram 4", _builder("Ideogram4", IDEOGRAM4, "Ideogram4", 54), _ideogram4_inputs, IDEOGRAM4_TEXT,
+        "single stream [text, image] over a 128-channel latent, one token per latent cell (the model's patch_size 2 "
+        "counts pixels already packed into channels); image only where the conditioning has no text")),
+    ("Boogu", FamilyCase(
+        "Boogu", _builder("Boogu", BOOGU, "Boogu", 55), _boogu_inputs, OMNIGEN_TEXT,
+        "OmniGen2's refiners, then double-stream blocks (joint [text, image] and image self-attention) and single "
+        "stream [text, image]; GQA (enable_gqa)")),
+    ("Boogu", FamilyCase(
+        "Boogu (reference image)", _builder("Boogu", BOOGU, "Boogu", 55), functools.partial(_boogu_inputs, ref=True),
+        OMNIGEN_TEXT, "as Boogu with [text, reference, image] joint and [reference, image] image self-attention")),
     ("Kandinsky5", FamilyCase(
         "Kandinsky 5 (video)", _builder("Kandinsky5", KANDINSKY5, "Kandinsky5", 60), _kandinsky5_inputs,
         KANDINSKY5_TEXT,
