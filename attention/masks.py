@@ -27,12 +27,16 @@ class RegionMask:
     """Region mask given by one integer label per token, never by an N x M tensor.
 
     query_labels: (B or 1, N) integers; key_labels: (B or 1, M) integers.
-    Query i may attend key j when their labels are equal or either label is -1 ("everywhere",
-    e.g. text tokens in joint attention).
+    Query i may attend key j when either label is -1 ("everywhere", e.g. text tokens in joint attention) and
+    otherwise when their labels are equal, or, with a label table, where ``allowed[query label, key label]``:
+    allowed: (Lq, Lk) boolean over the labels >= 0 (e.g. a prompt's text attending only its own region's image);
+    bias: (Lq, Lk) float added to those scores (0 for -1 tokens), e.g. log(weight) to weaken a group of keys.
     """
 
     query_labels: torch.Tensor
     key_labels: torch.Tensor
+    allowed: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
     _derived: Dict[object, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def derived(self, key, compute: Callable[[], T]) -> T:
@@ -50,12 +54,53 @@ class RegionMask:
                 raise ValueError(f"RegionMask {name} must be a 2-D (B or 1, tokens) tensor, got {shape}")
             if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
                 raise ValueError(f"RegionMask {name} must hold integer labels, got dtype {labels.dtype}")
+        if self.allowed is not None:
+            self._check_table()
+        elif self.bias is not None:
+            raise ValueError("RegionMask bias needs the allowed table it applies to")
+
+    def _check_table(self) -> None:
+        allowed, bias = self.allowed, self.bias
+        if not isinstance(allowed, torch.Tensor) or allowed.ndim != 2 or allowed.dtype != torch.bool:
+            raise ValueError("RegionMask allowed must be a 2-D boolean (query labels, key labels) table")
+        labels = tuple(int(t.max()) + 1 if t.numel() else 0 for t in (self.query_labels, self.key_labels))
+        if allowed.shape[0] < labels[0] or allowed.shape[1] < labels[1]:
+            raise ValueError(f"RegionMask allowed table {tuple(allowed.shape)} does not cover labels up to "
+                             f"{labels[0] - 1} (queries) and {labels[1] - 1} (keys)")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != allowed.shape
+                                 or not bias.dtype.is_floating_point):
+            raise ValueError(f"RegionMask bias must be a float table of the allowed table's shape "
+                             f"{tuple(allowed.shape)}")
+
+    def key_rule(self, query_label: int, key_labels: torch.Tensor):
+        """For queries of one label >= 0: (which keys they may attend (M,) boolean, their bias (M,) or None)."""
+        everywhere = key_labels == -1
+        if self.allowed is None:
+            return (key_labels == query_label) | everywhere, None
+        index = key_labels.clamp_min(0)
+        allowed = self.allowed.to(key_labels.device)[query_label][index] | everywhere
+        if self.bias is None:
+            return allowed, None
+        return allowed, self.bias.to(key_labels.device)[query_label][index].masked_fill(everywhere, 0.0)
 
     def to_dense(self) -> torch.Tensor:
-        """The boolean (B or 1, 1, N, M) mask this region mask stands for (for references and tests)."""
+        """The (B or 1, 1, N, M) mask this region mask stands for (for references and tests): boolean, or additive
+        float (0 / bias, -inf where not allowed) with a bias table."""
         ql = self.query_labels[:, :, None]
         kl = self.key_labels[:, None, :]
-        return ((ql == kl) | (ql == -1) | (kl == -1))[:, None]
+        everywhere = (ql == -1) | (kl == -1)
+        if self.allowed is None:
+            return ((ql == kl) | everywhere)[:, None]
+        qi, ki = ql.clamp_min(0), kl.clamp_min(0)
+        allowed = self.allowed.to(ql.device)[qi, ki] | everywhere
+        if self.bias is None:
+            return allowed[:, None]
+        bias = self.bias.to(ql.device)[qi, ki].masked_fill(everywhere, 0.0)
+        return bias.masked_fill(~allowed, float("-inf"))[:, None]
+
+    def with_query_labels(self, query_labels: torch.Tensor) -> "RegionMask":
+        """The same rule for other queries (a chunk of them, or the labels moved to another device)."""
+        return RegionMask(query_labels, self.key_labels, self.allowed, self.bias)
 
     def check(self, batch: int, n: int, m: int) -> None:
         ql, kl = self.query_labels, self.key_labels
@@ -108,7 +153,8 @@ def _dense_to_4d(mask: torch.Tensor, batch: int, heads: int, n: int, m: int, dty
     return mask4 if mask4.dtype == dtype else mask4.to(dtype)
 
 
-def _combine_dense(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+def combine_dense(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    """Both dense masks must allow (boolean or additive float; None: only ``b``)."""
     if a is None:
         return b
     if b.dtype == torch.bool:
@@ -136,9 +182,10 @@ def normalize_mask(mask: MaskLike, batch: int, heads: int, n: int, m: int, dtype
                 raise ValueError("At most one RegionMask per attention call; merge the labels into one")
             part.check(batch, n, m)
             on_device = part.query_labels.device == device and part.key_labels.device == device
-            region = part if on_device else RegionMask(part.query_labels.to(device), part.key_labels.to(device))
+            region = part if on_device else RegionMask(part.query_labels.to(device), part.key_labels.to(device),
+                                                       part.allowed, part.bias)
         elif isinstance(part, torch.Tensor):
-            dense = _combine_dense(dense, _dense_to_4d(part.to(device), batch, heads, n, m, dtype))
+            dense = combine_dense(dense, _dense_to_4d(part.to(device), batch, heads, n, m, dtype))
         else:
             raise TypeError(f"Attention mask must be a tensor or RegionMask, got {type(part).__name__}; "
                             f"expected {MASK_FORMS}")

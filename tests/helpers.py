@@ -23,7 +23,7 @@ def to_device(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, RegionMask):
-        return RegionMask(value.query_labels.to(device), value.key_labels.to(device))
+        return value.with_query_labels(value.query_labels.to(device))  # the rest moves with the call
     if isinstance(value, (list, tuple)):
         return type(value)(to_device(item, device) for item in value)
     return value

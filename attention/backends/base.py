@@ -55,7 +55,8 @@ class Backend:
     standard reasons for what they do not support come from these declarations (``not_supported_reasons``).
 
     causal, gqa: whether is_causal and grouped-query attention are supported. dense_masks: ANY, KEY_PADDING (only
-    (B|1, 1, 1, M) masks) or NONE. region_masks: None where RegionMasks are supported, else why not.
+    (B|1, 1, 1, M) masks) or NONE. region_masks: None where RegionMasks are supported, else why not; region_tables:
+    whether those may carry a label table (allowed, bias) instead of equal labels.
     """
 
     name: str = ""
@@ -67,6 +68,7 @@ class Backend:
     gqa = True
     dense_masks = ANY
     region_masks: Optional[str] = None
+    region_tables = False
     option_defaults: Dict[str, object] = {}  # the options this backend takes, with their defaults
     not_in_node: Optional[str] = None  # why the ComfyUI node does not offer this backend (None: it does)
     benchmark_options: Tuple[Dict[str, object], ...] = ({},)  # the option sets the quality benchmark measures
@@ -105,8 +107,12 @@ class Backend:
             reasons.append("is_causal is not supported")
         if call.k.shape[1] != call.q.shape[1] and not self.gqa:
             reasons.append("grouped-query attention (fewer k/v heads than q heads) is not supported")
-        if call.mask.region is not None and self.region_masks:
+        region = call.mask.region
+        if region is not None and self.region_masks:
             reasons.append(self.region_masks)
+        elif region is not None and region.allowed is not None and not self.region_tables:
+            reasons.append("region masks with a label table (allowed, bias) are not supported; backend 'masked' "
+                           "serves them")
         dense = call.mask.dense
         if dense is not None and self.dense_masks == NONE:
             reasons.append("dense masks are not supported (only RegionMask or no mask)")

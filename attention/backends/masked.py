@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import RegionMask, restrict_mask
+from ..masks import RegionMask, combine_dense, restrict_mask
 from .base import AttentionCall, Backend
 from .sdpa import causal_mask, sdpa_dense
 
@@ -24,10 +24,11 @@ def query_chunk_size(mask_rows_per_query: int, n: int, m: int) -> int:
 
 
 def _label_groups(region: RegionMask, batch: int):
-    """[(batch rows, [(query indices or None for all, key indices or None for all)])] per labelling.
+    """[(batch rows, [(query indices or None for all, key indices or None for all, key bias or None)])] per
+    labelling.
 
-    Query i may attend key j when their labels match or either is -1; queries labelled -1 see every key.
-    An empty key index tensor means the group's queries may attend nothing (they give zeros).
+    Query i may attend key j as RegionMask says (labels equal, or its label table); queries labelled -1 see every
+    key. An empty key index tensor means the group's queries may attend nothing (they give zeros).
     """
     query_labels, key_labels = region.query_labels, region.key_labels
     if query_labels.shape[0] == 1 and key_labels.shape[0] == 1:
@@ -40,12 +41,15 @@ def _label_groups(region: RegionMask, batch: int):
         row_groups = []
         for label in torch.unique(labels_q).tolist():
             queries = (labels_q == label).nonzero().squeeze(1)
-            keys = None  # None = every key ("everywhere" queries, or every key allowed)
+            keys, bias = None, None  # None = every key ("everywhere" queries, or every key allowed), no bias
             if label != -1:
-                key_allowed = (labels_k == label) | (labels_k == -1)
+                key_allowed, key_bias = region.key_rule(label, labels_k)
                 if not bool(key_allowed.all()):
                     keys = key_allowed.nonzero().squeeze(1)
-            row_groups.append((None if queries.numel() == labels_q.numel() else queries, keys))
+                if key_bias is not None:
+                    key_bias = key_bias if keys is None else key_bias[keys]
+                    bias = key_bias if bool(key_bias.any()) else None
+            row_groups.append((None if queries.numel() == labels_q.numel() else queries, keys, bias))
         groups.append((row, row_groups))
     return groups
 
@@ -54,13 +58,14 @@ def _region_attention(q, k, v, region: RegionMask, scale, out) -> None:
     """Fill out (B, H, N, Dv) for a region mask by grouping tokens per label."""
     for rows, row_groups in region.derived(("groups", q.shape[0]), lambda: _label_groups(region, q.shape[0])):
         qb, kb, vb = q[rows], k[rows], v[rows]
-        for queries, keys in row_groups:
+        for queries, keys, bias in row_groups:
             if keys is not None and keys.numel() == 0:
                 result = 0.0
             else:
                 result = sdpa_dense(qb if queries is None else qb.index_select(2, queries),
                                     kb if keys is None else kb.index_select(2, keys),
-                                    vb if keys is None else vb.index_select(2, keys), None, scale)
+                                    vb if keys is None else vb.index_select(2, keys),
+                                    None if bias is None else bias[None, None, None, :], scale)
             if queries is None:
                 out[rows] = result
             else:
@@ -68,12 +73,13 @@ def _region_attention(q, k, v, region: RegionMask, scale, out) -> None:
 
 
 def _region_chunk(region: RegionMask, start: int, stop: int) -> torch.Tensor:
-    """Boolean (B|1, 1, chunk, M) slice of the region mask for queries start:stop."""
-    return RegionMask(region.query_labels[:, start:stop], region.key_labels).to_dense()
+    """(B|1, 1, chunk, M) slice of the region mask for queries start:stop (boolean, or additive with a bias)."""
+    return region.with_query_labels(region.query_labels[:, start:stop]).to_dense()
 
 
 class MaskedBackend(Backend):
     name = "masked"
+    region_tables = True
     description = ("exact; every mask form incl. RegionMask, query-chunked or grouped by region, never a "
                    "(B, H, N, M) float tensor")
 
@@ -99,7 +105,7 @@ class MaskedBackend(Backend):
             if dense is not None:
                 mask_chunk = dense if dense.shape[2] == 1 else dense[:, :, start:stop]
             if region is not None:
-                mask_chunk = restrict_mask(mask_chunk, _region_chunk(region, start, stop))
+                mask_chunk = combine_dense(mask_chunk, _region_chunk(region, start, stop))
             if call.is_causal:
                 mask_chunk = restrict_mask(mask_chunk, causal_mask(n, m, q.device)[start:stop])
             out[:, :, start:stop] = sdpa_dense(q[:, :, start:stop], k, v, mask_chunk, call.scale,
