@@ -3,8 +3,9 @@ refresh mode's residuals, the region masks on that device) lives in one Sampling
 
 Where ComfyUI has sampler wrappers (``WrappersMP.OUTER_SAMPLE``, 0.3.x and later) one scopes the run, as
 ``comfy_extras/nodes_easycache.py`` scopes its cache: its end comes when sampling finishes, is interrupted or fails.
-An older ComfyUI has no such wrapper: there a new run is told from a new ``sample_sigmas``, and the previous run's
-state is dropped then. Across runs only numbers are kept: the residual sizes of each latent size.
+An older ComfyUI has no such wrapper: there a new run is told from a new ``sample_sigmas``, or where there is none
+(before mid-2024) from a sigma above the previous model call's (a sampler walks its schedule downwards), and the
+previous run's state is dropped then. Across runs only numbers are kept: the residual sizes of each latent size.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class SamplingRun:
         self.regions: Dict[tuple, Optional[RegionMask]] = {}  # (layouts, query tokens, batches) -> on this device
         self.summarised = False  # the served-calls summary was logged
         self.schedule = schedule
+        self.sigma = float("inf")  # without a wrapper or a schedule: the last model call's sigma
 
     def begin_model_call(self, transformer_options: dict, latent_shape: tuple, active: bool) -> Optional[str]:
         """A model call starts; returns why the refresh mode's residuals were refused (None otherwise). Cond and
@@ -83,13 +85,19 @@ class RunScope:
     def run_for(self, device: str, transformer_options: dict) -> SamplingRun:
         """This device's run, begun at its first model call."""
         run = self.runs.get(device)
+        if self.scoped and run is not None:
+            return run
         schedule = None if self.scoped else transformer_options.get("sample_sigmas")
-        if run is not None and (self.scoped or run.schedule is schedule):
+        sigma = None if self.scoped or schedule is not None else _sigma(transformer_options)
+        if run is not None and run.schedule is schedule and (sigma is None or sigma <= run.sigma):
+            if sigma is not None:
+                run.sigma = sigma
             return run
         if run is not None:
             run.close()  # without a wrapper: a new schedule, a new run
         sizes = self.residual_sizes.setdefault(device, {})
         run = self.runs[device] = SamplingRun(self.settings, sizes, self.measurements, schedule)
+        run.sigma = float("inf") if sigma is None else sigma
         return run
 
     def get(self, device: str) -> Optional[SamplingRun]:
@@ -100,3 +108,11 @@ class RunScope:
         for run in self.runs.values():
             run.close()
         self.runs.clear()
+
+
+def _sigma(transformer_options: dict) -> Optional[float]:
+    """This model call's sigma (one host read per model call, only in a ComfyUI that marks runs no other way)."""
+    sigmas = transformer_options.get("sigmas")
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel():
+        return float(sigmas.flatten()[0])
+    return None

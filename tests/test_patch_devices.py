@@ -54,3 +54,16 @@ def test_a_sampler_wrapper_scopes_one_run_per_device_and_ends_them_however_sampl
         pass
     assert patch.runs.runs == {} and seen[-1][0] is not seen[0][0]
     assert all(run.approximations.cache is None for pair in seen for run in pair)  # closed: no tensor left
+
+
+def test_without_a_wrapper_or_a_schedule_a_rising_sigma_starts_a_new_run():
+    """The March 2024 ComfyUI passes neither sampler wrappers nor sample_sigmas: a sampler walks its sigmas down, so
+    a sigma above the last model call's is the next run, and the run before it is dropped then."""
+    patch = AttentionPatch(PatchSettings(backend="todo", refresh=2), FAMILIES["Flux"], uses_override=False)
+    latent, context = torch.zeros(2, 16, 8, 8), torch.zeros(2, 4, 8)
+    runs = []
+    for sigma in (14.6, 14.6, 7.0, 7.0, 1.0, 14.6, 3.0):  # cond and uncond in separate calls; then a second run
+        patch.begin_model_call(latent, torch.tensor([sigma]), context, {}, {"sigmas": torch.tensor([sigma])})
+        runs.append(patch.runs.get("cpu"))
+    assert runs[:5] == [runs[0]] * 5 and runs[5:] == [runs[5]] * 2 and runs[5] is not runs[0]
+    assert runs[0].approximations.cache is None  # the first run holds nothing once the second began
