@@ -267,3 +267,4 @@ def _add_wrappers(patched, attention_patch: AttentionPatch) -> None:
     else:
         patched.set_model_unet_function_wrapper(
             attention_patch.model_function_wrapper(patched.model_options.get("model_function_wrapper")))
+        attention_patch.runs.runs_by_sigma = True  # no sampler wrapper, and no sample_sigmas either

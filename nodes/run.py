@@ -69,6 +69,7 @@ class RunScope:
         self.runs: Dict[str, SamplingRun] = {}
         self.residual_sizes: Dict[str, ResidualSizes] = {}  # per device, numbers kept across runs
         self.scoped = 0  # sampler wrappers in progress
+        self.runs_by_sigma = False  # True in a ComfyUI without keyed wrappers (March 2024): see run_for
 
     def sample(self, executor, args: tuple, kwargs: dict):
         """Run ComfyUI's sampling (an OUTER_SAMPLE wrapper's executor) as one run: begun, and ended however it ends."""
@@ -88,7 +89,7 @@ class RunScope:
         if self.scoped and run is not None:
             return run
         schedule = None if self.scoped else transformer_options.get("sample_sigmas")
-        sigma = None if self.scoped or schedule is not None else _sigma(transformer_options)
+        sigma = _sigma(transformer_options) if self.runs_by_sigma and schedule is None else None
         if run is not None and run.schedule is schedule and (sigma is None or sigma <= run.sigma):
             if sigma is not None:
                 run.sigma = sigma

@@ -60,6 +60,7 @@ def test_without_a_wrapper_or_a_schedule_a_rising_sigma_starts_a_new_run():
     """The March 2024 ComfyUI passes neither sampler wrappers nor sample_sigmas: a sampler walks its sigmas down, so
     a sigma above the last model call's is the next run, and the run before it is dropped then."""
     patch = AttentionPatch(PatchSettings(backend="todo", refresh=2), FAMILIES["Flux"], uses_override=False)
+    patch.runs.runs_by_sigma = True  # as patch_model sets it where ComfyUI has no keyed wrappers
     latent, context = torch.zeros(2, 16, 8, 8), torch.zeros(2, 4, 8)
     runs = []
     for sigma in (14.6, 14.6, 7.0, 7.0, 1.0, 14.6, 3.0):  # cond and uncond in separate calls; then a second run
