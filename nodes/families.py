@@ -411,15 +411,27 @@ def _image_first_layout(family: ModelFamily, grid: TokenLayout, tokens: int, oth
     """[image, others]: with ``text_after_image`` the others must be this call's references and then its text."""
     text = model_call.text_tokens
     if family.text_after_image and text is not None:
-        counted = options.get("reference_image_num_tokens")
-        references = (sum(counted) if isinstance(counted, (list, tuple)) and all(isinstance(c, int) for c in counted)
-                      else model_call.reference_tokens)
+        references = _references(model_call, options)
         if others != references + text:
-            return None, (f"{tokens} tokens with a {grid.frames}x{grid.height}x{grid.width} image grid (latent "
-                          f"{model_call.latent_shape}, patch {family.patch_size}) leave {others} tokens after the "
-                          f"image, where this call's {f'{references} reference and ' if references else ''}{text} "
-                          "text tokens are expected")
+            return None, (f"{_grid_words(family, grid, tokens, model_call)} leave {others} tokens after the image, "
+                          f"where this call's {f'{references} reference and ' if references else ''}{text} text "
+                          "tokens are expected")
     return replace(grid, after=others + padding), None
+
+
+def _references(model_call: ModelCall, options: dict) -> int:
+    """This call's reference tokens: ComfyUI's ``reference_image_num_tokens`` where set, else those counted from the
+    model call's reference latents."""
+    counted = options.get("reference_image_num_tokens")
+    if isinstance(counted, (list, tuple)) and all(isinstance(c, int) for c in counted):
+        return sum(counted)
+    return model_call.reference_tokens
+
+
+def _grid_words(family: ModelFamily, grid: TokenLayout, tokens: int, model_call: ModelCall) -> str:
+    """The call and its grid, as the warnings name them."""
+    return (f"{tokens} tokens with a {grid.frames}x{grid.height}x{grid.width} image grid (latent "
+            f"{model_call.latent_shape}, patch {family.patch_size})")
 
 
 def _dit_layout(family: ModelFamily, grid: TokenLayout, tokens: int, others: int, padding: int,
@@ -427,13 +439,10 @@ def _dit_layout(family: ModelFamily, grid: TokenLayout, tokens: int, others: int
     """A DiT sequence of the image grid, ``others`` tokens beside it and the image's ``padding``, where the family
     puts other tokens first: each count from evidence, the text of this model call (c_crossattn), reference latents
     (their own grids, or ComfyUI's ``reference_image_num_tokens``), padding rules, and ComfyUI's ``img_slice``."""
-    where = (f"{tokens} tokens with a {grid.frames}x{grid.height}x{grid.width} image grid (latent "
-             f"{model_call.latent_shape}, patch {family.patch_size})")
+    where = _grid_words(family, grid, tokens, model_call)
     if family.others_first is None:
         return None, f"{where} leave {others} tokens that {family.name} does not put beside its image"
-    counted = options.get("reference_image_num_tokens")
-    references = (sum(counted) if isinstance(counted, (list, tuple)) and all(isinstance(c, int) for c in counted)
-                  else model_call.reference_tokens)
+    references = _references(model_call, options)
     references_after = references if family.references_after_image else 0
     references_before = references if family.references_before_image else 0
     before = others - references_after
