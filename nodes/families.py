@@ -254,9 +254,7 @@ def read_model_call(family: ModelFamily, settings: PatchSettings, latent: torch.
     the schedule window), so the per-call path neither synchronises the device nor breaks a compiled graph.
 
     latent: (B, C, [T,] H, W); context: c_crossattn (B, L, C) or None; extra_conds: apply_model's keywords."""
-    active = True
-    if not settings.full_window and isinstance(sigmas, torch.Tensor) and sigmas.numel():
-        active = settings.active_at(float(sigmas.flatten()[0]))
+    active = settings.active_for(sigmas)
     text_tokens = context.shape[1] if isinstance(context, torch.Tensor) and context.ndim == 3 else None
     if text_tokens is not None and family.text_limit:
         text_tokens = min(text_tokens, family.text_limit)

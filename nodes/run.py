@@ -19,7 +19,7 @@ from .approximation import ApproximationServer
 from .families import MaskVerdict
 from .guard import QualityGuard
 from .reuse import GIB, ResidualSizes, ReuseCache
-from .settings import PatchSettings
+from .settings import PatchSettings, sigma_of
 
 
 class SamplingRun:
@@ -89,7 +89,7 @@ class RunScope:
         if self.scoped and run is not None:
             return run
         schedule = None if self.scoped else transformer_options.get("sample_sigmas")
-        sigma = _sigma(transformer_options) if self.runs_by_sigma and schedule is None else None
+        sigma = sigma_of(transformer_options.get("sigmas")) if self.runs_by_sigma and schedule is None else None
         if run is not None and run.schedule is schedule and (sigma is None or sigma <= run.sigma):
             if sigma is not None:
                 run.sigma = sigma
@@ -110,10 +110,3 @@ class RunScope:
             run.close()
         self.runs.clear()
 
-
-def _sigma(transformer_options: dict) -> Optional[float]:
-    """This model call's sigma (one host read per model call, only in a ComfyUI that marks runs no other way)."""
-    sigmas = transformer_options.get("sigmas")
-    if isinstance(sigmas, torch.Tensor) and sigmas.numel():
-        return float(sigmas.flatten()[0])
-    return None

@@ -46,12 +46,9 @@ class CallServer:
         """Why this call is passed on ("": silently, outside the schedule window), or None to serve it."""
         if call is None:
             return "an attention call with arguments this pack cannot read"
-        if model_call is not None:
-            active = model_call.active
-        else:  # a model called outside ComfyUI's apply_model: the schedule read per call
-            sigmas = call.transformer_options.get("sigmas")
-            active = (self.settings.full_window or not isinstance(sigmas, torch.Tensor) or not sigmas.numel()
-                      or self.settings.active_at(float(sigmas.flatten()[0])))
+        # a model called outside ComfyUI's apply_model (no ModelCall): the schedule read per call
+        active = (model_call.active if model_call is not None
+                  else self.settings.active_for(call.transformer_options.get("sigmas")))
         if not active:
             return ""
         if call.q.shape[0] != call.k.shape[0]:

@@ -65,6 +65,14 @@ class PatchSettings:
     def active_at(self, sigma: float) -> bool:
         return self.sigma_end <= sigma <= self.sigma_start
 
+    def active_for(self, sigmas) -> bool:
+        """Inside the schedule window at a call's ``sigmas`` (read only where the window is not the whole
+        schedule; a call that passes none is inside)."""
+        if self.full_window:
+            return True
+        sigma = sigma_of(sigmas)
+        return sigma is None or self.active_at(sigma)
+
     @property
     def approximates(self) -> bool:
         """The chosen backend is an approximation."""
@@ -74,6 +82,13 @@ class PatchSettings:
     def refreshes(self) -> bool:
         """The refresh mode is on (an approximation, and refresh > 0)."""
         return self.approximates and self.refresh > 0
+
+
+def sigma_of(sigmas) -> Optional[float]:
+    """A call's sigma as a number (one host read), or None where it passes no sigmas."""
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel():
+        return float(sigmas.flatten()[0])
+    return None
 
 
 def usable_backends():
