@@ -5,6 +5,7 @@ Masks are the 4-D boolean or additive float masks of ``masks.py`` (broadcasting 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -183,3 +184,51 @@ def naive_window_attention(q, k, v, layout, window: int, downsample: int, halo: 
                     scores = torch.einsum("hd,hmd->hm", qd[b, :, query], keys) * scale + logits_bias
                     out[b, :, query] = torch.einsum("hm,hme->he", torch.softmax(scores, -1).nan_to_num(0.0), values)
     return out.to(q.dtype)
+
+
+def naive_regional_mask(segments, masks: torch.Tensor, queries, keys, isolate: bool, base_weight: float,
+                        pooling: str = "area") -> torch.Tensor:
+    """The (N, M) additive mask (0, log(base_weight), -inf) of regional prompts (regional.RegionalPrompt), token
+    pair by token pair from each token's kind. ``queries``/``keys``: regional.TokenMap; masks (R, 1 or F, H, W)
+    with H, W multiples of every grid (so a cell's pixels are a plain block)."""
+    bounds = torch.tensor(list(segments)).cumsum(0).tolist()
+
+    def kind(side, t):
+        if side.text_length and side.text_start <= t < side.text_start + side.text_length:
+            place = (t - side.text_start) % bounds[-1]
+            return "text", next(i for i, end in enumerate(bounds) if place < end)
+        grid = side.image
+        if grid is None or not grid.before <= t < grid.before + grid.image_tokens:
+            return "other", None
+        frame, cell = divmod(t - grid.before, grid.height * grid.width)
+        row, col = divmod(cell, grid.width)
+        ch, cw = masks.shape[-2] // grid.height, masks.shape[-1] // grid.width
+        covered = set()
+        for region in range(masks.shape[0]):
+            block = masks[region, frame if masks.shape[1] > 1 else 0, row * ch:(row + 1) * ch, col * cw:(col + 1) * cw]
+            inside = (block >= 0.5).double()
+            if (inside.max() > 0) if pooling == "max" else (inside.mean() >= 0.5):
+                covered.add(region + 1)
+        return "image", frozenset(covered)
+
+    def pair(q, k):
+        (qk, qv), (kk, kv) = q, k
+        if qk == "other" or kk == "other":
+            return 0.0
+        if qk == "text" and kk == "text":
+            ok = qv == kv
+        elif qk == "text":
+            ok = (qv in kv) if qv else not isolate
+        elif kk == "text" and kv == 0:
+            if qv and segments[0]:
+                return math.log(base_weight) if base_weight > 0 else float("-inf")
+            ok = True
+        elif kk == "text":
+            ok = kv in qv
+        else:
+            ok = not isolate or bool(qv & kv) or (not qv and not kv)
+        return 0.0 if ok else float("-inf")
+
+    query_kinds = [kind(queries, t) for t in range(queries.tokens)]
+    key_kinds = [kind(keys, t) for t in range(keys.tokens)]
+    return torch.tensor([[pair(q, k) for k in key_kinds] for q in query_kinds], dtype=torch.float64)
