@@ -213,8 +213,8 @@ def naive_regional_mask(segments, masks: torch.Tensor, queries, keys, isolate: b
 
     def pair(q, k):
         (qk, qv), (kk, kv) = q, k
-        if qk == "other" or kk == "other":
-            return 0.0
+        if kk == "other" or qk == "other":
+            return 0.0 if kk == "other" or not isolate else float("-inf")
         if qk == "text" and kk == "text":
             ok = qv == kv
         elif qk == "text":

@@ -2,16 +2,18 @@
 
 The prompts' text tokens are concatenated, base prompt first: [base, region 1, ..., region R]. Every token of a call
 gets a label: text tokens their prompt's (0 the base, i region i), image tokens the set of regions that cover them
-(one label per distinct set), other tokens (reference images, registers, padding) -1, which RegionMask reads as
-"everywhere". One (labels x labels) table then says who may attend whom (``allowed_between``), so no N x M mask
-exists and the masked backend runs each group on its own keys (Σ|group|·|its keys| instead of N·M):
+(one label per distinct set), other tokens (reference images, registers, padding) one label of their own. One
+(labels x labels) table then says who may attend whom (``allowed_between``), so no N x M mask exists and the masked
+backend runs each group on its own keys (Σ|group|·|its keys| instead of N·M):
 
 - a region's text attends its own text and its region's image, never another prompt;
 - the base text attends itself, and the whole image outside the isolation phase;
 - an image token attends the text of the regions covering it, and the base text weighted by ``base_weight`` (a bias
   of log(base_weight) on its scores; fully where no region covers it);
 - in the isolation phase (``isolate``) image tokens attend only image tokens of a region they share, and tokens no
-  region covers only each other; outside it, the whole image.
+  region covers only each other; outside it, the whole image;
+- every token attends the other tokens (a reference image is context for every region), which in the isolation
+  phase attend only each other, so that no region reaches another through them.
 
 Pure PyTorch; the rules' reference is ``naive.naive_regional_mask``.
 """
@@ -61,8 +63,13 @@ def region_cover(masks: torch.Tensor, layout: TokenLayout, pooling: str) -> torc
 
 
 def allowed_between(query: Tuple[str, int], key: Tuple[str, int], isolate: bool) -> bool:
-    """The rule for one pair of token kinds: ("text", prompt) with 0 the base prompt, or ("image", region bits)."""
+    """The rule for one pair of token kinds: ("text", prompt) with 0 the base prompt, ("image", region bits), or
+    ("other", 0)."""
     (q_kind, q), (k_kind, k) = query, key
+    if k_kind == "other":
+        return True
+    if q_kind == "other":
+        return not isolate
     if q_kind == "text":
         if k_kind == "text":
             return q == k
@@ -115,13 +122,14 @@ class RegionalPrompt:
         return prompts.repeat(length // self.tokens)
 
     def _labels(self, side: TokenMap, pooling: str, groups: Dict[int, int]) -> torch.Tensor:
-        """(tokens,) labels of one side: prompts 0..R for text, R + 1 + group for image cover sets, -1 otherwise."""
-        labels = torch.full((side.tokens,), -1, dtype=torch.int64)
+        """(tokens,) labels of one side: prompts 0..R for text, R + 1 for other tokens, R + 2 + group for image cover
+        sets."""
+        labels = torch.full((side.tokens,), self.regions + 1, dtype=torch.int64)
         if side.text_length:
             labels[side.text_start:side.text_start + side.text_length] = self.text_prompts(side.text_length)
         if side.image is not None:
             bits, group = torch.unique(self.cover(side.image, pooling), return_inverse=True)
-            label = torch.tensor([self.regions + 1 + groups.setdefault(b, len(groups)) for b in bits.tolist()])
+            label = torch.tensor([self.regions + 2 + groups.setdefault(b, len(groups)) for b in bits.tolist()])
             labels[side.image.before:side.image.before + side.image.image_tokens] = label[group]
         return labels
 
@@ -132,8 +140,8 @@ class RegionalPrompt:
         groups: Dict[int, int] = {}
         query_labels = self._labels(queries, pooling, groups)
         key_labels = self._labels(keys, pooling, groups)
-        kinds = [("text", p) for p in range(len(self.segments))] + [("image", bits) for bits in
-                                                                      sorted(groups, key=groups.get)]
+        kinds = [("text", p) for p in range(len(self.segments))] + [("other", 0)] + [
+            ("image", bits) for bits in sorted(groups, key=groups.get)]
         allowed = torch.tensor([[allowed_between(q, k, isolate) for k in kinds] for q in kinds], dtype=torch.bool)
         bias = None
         if self.segments[0] and 0.0 < self.base_weight < 1.0:  # image tokens inside regions: the base text weighted
@@ -142,8 +150,7 @@ class RegionalPrompt:
             bias[inside, 0] = math.log(self.base_weight)
         elif self.base_weight == 0.0:
             allowed[torch.tensor([kind == "image" and bits != 0 for kind, bits in kinds]), 0] = False
-        present_q = torch.unique(query_labels[query_labels >= 0])
-        present_k = torch.unique(key_labels[key_labels >= 0])
+        present_q, present_k = torch.unique(query_labels), torch.unique(key_labels)
         sub = allowed[present_q][:, present_k]
         if bool(sub.all()) and (bias is None or not bool(bias[present_q][:, present_k].any())):
             return None

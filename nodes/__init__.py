@@ -1,10 +1,11 @@
-"""ComfyUI nodes of the pack. Importing this needs no ComfyUI; the V3 node is defined only where ComfyUI has it.
+"""ComfyUI nodes of the pack. Importing this needs no ComfyUI; the V3 nodes are defined only where ComfyUI has them.
 
-The node id is written out literally (as in efficient_attention.py's V3 schema): ComfyUI-Manager and the Comfy
-Registry find a pack's nodes by scanning its source for them.
+The node ids are written out literally (as in the V3 schemas): ComfyUI-Manager and the Comfy Registry find a pack's
+nodes by scanning its source for them.
 """
-from .efficient_attention import EfficientAttentionPoP, define_v3_node
+from . import efficient_attention, regional_prompts
 
-_v3_node = define_v3_node()
-NODE_CLASS_MAPPINGS = {"EfficientAttentionPoP": _v3_node or EfficientAttentionPoP}
-NODE_DISPLAY_NAME_MAPPINGS = {"EfficientAttentionPoP": "Efficient Attention (PoP)"}
+NODE_CLASS_MAPPINGS = {"EfficientAttentionPoP": efficient_attention.define_v3_node() or efficient_attention.EfficientAttentionPoP,
+                       "RegionalPromptsPoP": regional_prompts.define_v3_node() or regional_prompts.RegionalPromptsPoP}
+NODE_DISPLAY_NAME_MAPPINGS = {"EfficientAttentionPoP": "Efficient Attention (PoP)",
+                              "RegionalPromptsPoP": "Regional Prompts (PoP)"}

@@ -58,6 +58,7 @@ class ModelFamily:
         (the mask is then declined for that model call).
     known: False for a model class the pack knows nothing about (no class of its hierarchy is in FAMILIES).
     recognised_as: how the family was recognised, for the log (e.g. "SCAILWanModel, a subclass of WanModel").
+    regional: why Regional Prompts (PoP) cannot serve this family in one pass (None: it can), see regional.py.
     """
 
     name: str
@@ -82,6 +83,7 @@ class ModelFamily:
     layout_changing_keywords: Tuple[str, ...] = ()
     known: bool = True
     recognised_as: str = ""
+    regional: Optional[str] = "its token layout is not yet verified for regional prompts in one pass"
 
     @property
     def is_unet(self) -> bool:
@@ -97,29 +99,36 @@ _AUDIO = "its latent is audio, with no image grid to place a mask on"
 _JOINT_TEXT_FIRST = dict(others_first=True, text_before_image=True)
 _REFERENCES_AFTER = dict(references_after_image=True, reference_keyword="ref_latents")
 _REFERENCES_BEFORE = dict(references_before_image=True, reference_keyword="ref_latents")
+_TEXT_ROPE = ("rotary positions run over its text, so a prompt placed after another would sit at other positions "
+              "than alone")
+_TEXT_REFINER = "its token refiner mixes the text of all prompts before the layers a mask can reach"
 
 # Class name of a diffusion model, or of one of its base classes -> family, as each model's forward in ComfyUI
 # lays out its tokens (0.3.64 and 0.33; see docs/model-families.md). A subclass inherits its base's knowledge; every
 # layout is still checked against the call's token count, the latent, the model's patch size and the text.
 FAMILIES: Dict[str, ModelFamily] = {
-    "UNetModel": ModelFamily("UNet", cross_attention=True),  # SD1.x, SD2.x, SDXL, SVD (+ temporal attention)
+    "UNetModel": ModelFamily("UNet", cross_attention=True, regional=None),  # SD1.x, SD2.x, SDXL, SVD (+ temporal)
     "StageC": ModelFamily("Stable Cascade C", keys_append_text=True),
     "StageB": ModelFamily("Stable Cascade B", keys_append_text=True),
-    "OpenAISignatureMMDITWrapper": _dit("SD3", **_JOINT_TEXT_FIRST),
+    "OpenAISignatureMMDITWrapper": _dit("SD3", **_JOINT_TEXT_FIRST, regional=None),
     "MMDiT": _dit("AuraFlow", others_first=True),  # [register tokens, text, image]
-    "Flux": _dit("Flux", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),  # Flux 2: patch 1, read from the model
-    "Chroma": _dit("Chroma", **_JOINT_TEXT_FIRST),
-    "HunyuanVideo": _dit("HunyuanVideo", others_first=False, layout_changing_keywords=("ref_latent",)),
-    "WanModel": _dit("Wan", **_WAN),
+    "Flux": _dit("Flux", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=None),  # Flux 2: patch 1, read from the model
+    "Chroma": _dit("Chroma", **_JOINT_TEXT_FIRST, regional=None),
+    "HunyuanVideo": _dit("HunyuanVideo", others_first=False, layout_changing_keywords=("ref_latent",),
+                          regional=_TEXT_REFINER),
+    "WanModel": _dit("Wan", **_WAN, regional=None),
+    "WanModel_S2V": _dit("Wan S2V", **_WAN, regional="its reference and motion frames sit beside the video, "
+                                                        "where this pack does not place them"),
     "HumoWanModel": _dit("Wan HuMo", others_first=False, fixed_context_tokens=(16,), **_WAN),  # [video, reference]
-    "LTXVModel": _dit("LTXV", patch_size=1, cross_attention=True),
-    "QwenImageTransformer2DModel": _dit("Qwen-Image", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),
+    "LTXVModel": _dit("LTXV", patch_size=1, cross_attention=True,
+                      regional="its text carries a padding mask per prompt, which one pass does not join"),
+    "QwenImageTransformer2DModel": _dit("Qwen-Image", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=_TEXT_ROPE),
     "MageFlowTransformer2DModel": _dit("MageFlow", patch_size=1, **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),
-    "NextDiT": _dit("Lumina 2", others_first=True),
+    "NextDiT": _dit("Lumina 2", others_first=True, regional=_TEXT_ROPE),
     "HiDreamImageTransformer2DModel": _dit("HiDream", others_first=False),
     "AsymmDiTJoint": _dit("Mochi", others_first=False),
-    "GeneralDIT": _dit("Cosmos", cross_attention=True),
-    "MiniTrainDIT": _dit("Cosmos Predict2", cross_attention=True),
+    "GeneralDIT": _dit("Cosmos", cross_attention=True, regional=None),
+    "MiniTrainDIT": _dit("Cosmos Predict2", cross_attention=True, regional=None),
     "OmniGen2Transformer2DModel": _dit("OmniGen2", **_JOINT_TEXT_FIRST, **_REFERENCES_BEFORE),  # [text, refs, image]
     "AudioDiffusionTransformer": _dit("Stable Audio", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
     "ACEStepTransformer2DModel": _dit("ACE-Step", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
@@ -197,6 +206,10 @@ def model_family(diffusion_model) -> ModelFamily:
         limit = getattr(diffusion_model, "txt_max_length", None)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:  # PixelDiT: text cut to this
             family = replace(family, text_limit=limit)
+    if family.is_unet and getattr(diffusion_model, "use_temporal_resblocks", False):
+        family = replace(family, regional="it is conditioned on an image, not on text prompts")  # SVD
+    if base.__name__ == "Flux" and getattr(getattr(diffusion_model, "params", None), "txt_ids_dims", None):
+        family = replace(family, regional=_TEXT_ROPE)  # Flux 2: text positions along txt_ids_dims
     if base.__name__ == "HunyuanVideo" and "img_slice" in _code_constants(base):
         # the HunyuanVideo that sets img_slice (ComfyUI 0.14 and later) builds [text, reference latent, image]
         family = replace(family, others_first=True, references_before_image=True, reference_keyword="ref_latent",

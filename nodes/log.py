@@ -12,6 +12,7 @@ from ..attention.backends.base import tracing
 logger = logging.getLogger("efficient_attention_pop")
 
 NODE_NAME = "Efficient Attention (PoP)"
+REGIONAL_NODE_NAME = "Regional Prompts (PoP)"
 
 
 class OnceLog:

@@ -24,7 +24,8 @@ import torch
 
 from .comfy_call import ComfyAttentionCall, read_call
 from .families import ModelCall, ModelFamily, model_family, read_model_call
-from .log import NODE_NAME, OnceLog, logger
+from .log import NODE_NAME, REGIONAL_NODE_NAME, OnceLog, logger
+from .regional import REGIONS_KEY, regional_call
 from .run import RunScope, SamplingRun
 from .serving import CallServer
 from .settings import PatchSettings, check_choices
@@ -128,6 +129,7 @@ class AttentionPatch:
         options = dict(transformer_options)
         model_call = self.begin_model_call(x, options.get("sigmas", t), c_crossattn, kwargs, options)
         options[self.state_key] = model_call
+        self._add_regional_call(x, options, model_call)
         current = options.get("optimized_attention_override")
         if self.uses_override and not (isinstance(current, ChainedOverride) and current.reaches(self)):
             self.log.info("reinstalled", "another attention override was installed after this node "
@@ -137,6 +139,27 @@ class AttentionPatch:
         out = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
         self.end_model_call(model_call)
         return out
+
+    def _add_regional_call(self, latent: torch.Tensor, options: dict, model_call: ModelCall) -> None:
+        """The regional prompts of this model call (regional.py), where its conds carry them and no wrapper before
+        this one found them."""
+        if REGIONS_KEY in options or not self.runs.prompts_by_uuid:
+            return
+        run = self.runs.get(model_call.device)
+        regional, problem = regional_call(self.runs.prompts_by_uuid, options, latent, run.regional_threshold,
+                                          run.regional_masks)
+        if problem:
+            self.log.warn(("regional batch", problem), problem)
+        if regional is not None:
+            self._check_aspect(regional, latent)
+            options[REGIONS_KEY] = regional
+
+    def _check_aspect(self, regional, latent: torch.Tensor) -> None:
+        (mask_h, mask_w), (h, w) = regional.prompts.mask_size, latent.shape[-2:]
+        if abs(mask_w / mask_h - w / h) > 0.01 * w / h:
+            self.log.warn(("aspect", mask_h, mask_w, h, w), f"the regions' masks ({mask_w}x{mask_h}) have another "
+                          f"aspect ratio than the latent ({w}x{h}); they are stretched to it, as ComfyUI's own masked "
+                          "conditioning does")
 
     def model_function_wrapper(self, previous: Optional[Callable]) -> Callable:
         """The single-slot model-function wrapper (ComfyUI before keyed wrappers), chained to ``previous``."""
@@ -162,7 +185,7 @@ class AttentionPatch:
         model_call = options.get(self.state_key) if isinstance(options, dict) else None
         if model_call is not None:
             model_call.reached = True
-        out = self.server.serve(read_call(args, kwargs), model_call)
+        out = self.server.serve(read_call(args, kwargs), model_call, pack_behind=isinstance(previous, ChainedOverride))
         if out is not None:
             return out
         if previous is not None:
@@ -226,6 +249,10 @@ def patch_model(model, settings: PatchSettings, measurements: Optional[List[tupl
         logger.warning("%s: %s attends to its text inside self-attention (joint attention, or text appended to the "
                        "keys) and has no separate cross-attention; apply_to=cross-attention patches nothing",
                        NODE_NAME, family.name)
+    if settings.regions_only:
+        logger.info("%s: patched %s (%s) via %s: the attention calls of its regional prompts run exact with their "
+                    "masks", REGIONAL_NODE_NAME, family.name, family.recognised_as, mechanism)
+        return patched
     logger.info("%s: patched %s (%s) via %s; backend=%s (min_tokens=%d, other calls auto), heads=%s, layernorm=%s, "
                 "apply_to=%s, strength=%.2f, sigma window [%.4g, %.4g], mask=%s", NODE_NAME, family.name,
                 family.recognised_as, mechanism,

@@ -18,6 +18,7 @@ from ..attention.regions import RegionMasker
 from .approximation import ApproximationServer
 from .families import MaskVerdict
 from .guard import QualityGuard
+from .regional import REGIONS_KEY
 from .reuse import GIB, ResidualSizes, ReuseCache
 from .settings import PatchSettings, sigma_of
 
@@ -37,6 +38,8 @@ class SamplingRun:
         self.summarised = False  # the served-calls summary was logged
         self.schedule = schedule
         self.sigma = float("inf")  # without a wrapper or a schedule: the last model call's sigma
+        self.regional_masks: Dict[tuple, Optional[RegionMask]] = {}  # regional prompts' masks per call layout
+        self.regional_threshold: Dict[int, float] = {}  # the sigma that ends each regional rule's isolation
 
     def begin_model_call(self, transformer_options: dict, latent_shape: tuple, active: bool) -> Optional[str]:
         """A model call starts; returns why the refresh mode's residuals were refused (None otherwise). Cond and
@@ -57,6 +60,7 @@ class SamplingRun:
     def close(self) -> None:
         self.approximations.close()
         self.regions.clear()
+        self.regional_masks.clear()
 
 
 class RunScope:
@@ -70,11 +74,13 @@ class RunScope:
         self.residual_sizes: Dict[str, ResidualSizes] = {}  # per device, numbers kept across runs
         self.scoped = 0  # sampler wrappers in progress
         self.runs_by_sigma = False  # True in a ComfyUI without keyed wrappers (March 2024): see run_for
+        self.prompts_by_uuid: Dict[object, object] = {}  # regional prompts of this sampling's conds, by cond uuid
 
     def sample(self, executor, args: tuple, kwargs: dict):
         """Run ComfyUI's sampling (an OUTER_SAMPLE wrapper's executor) as one run: begun, and ended however it ends."""
         if not self.scoped:
             self.end()  # a run told apart without a wrapper (the model called outside a sampler)
+        self.use_conds(getattr(getattr(executor, "class_obj", None), "conds", None))
         self.scoped += 1
         try:
             return executor(*args, **kwargs)
@@ -101,6 +107,15 @@ class RunScope:
         run.sigma = float("inf") if sigma is None else sigma
         return run
 
+    def use_conds(self, conds) -> None:
+        """Map the uuid ComfyUI gave each cond of this sampling (its guider's ``conds``: name -> list of dicts) to
+        the regional prompts it carries (regional.REGIONS_KEY)."""
+        for entries in (conds or {}).values():
+            for entry in entries or ():
+                prompts = entry.get(REGIONS_KEY) if isinstance(entry, dict) else None
+                if prompts is not None and "uuid" in entry:
+                    self.prompts_by_uuid[entry["uuid"]] = prompts
+
     def get(self, device: str) -> Optional[SamplingRun]:
         return self.runs.get(device)
 
@@ -109,4 +124,5 @@ class RunScope:
         for run in self.runs.values():
             run.close()
         self.runs.clear()
+        self.prompts_by_uuid.clear()
 

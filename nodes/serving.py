@@ -12,6 +12,7 @@ from ..attention import BACKENDS, BackendNotSupported, RegionMask, prepare_call,
 from .comfy_call import ComfyAttentionCall
 from .families import CallPlacement, ModelCall, ModelFamily, mask_verdict, place_call
 from .log import OnceLog
+from .regional import REGIONS_KEY, RegionalCall
 from .run import RunScope, SamplingRun
 from .settings import PatchSettings, heads_mismatch_message
 
@@ -26,26 +27,36 @@ class CallServer:
         self.log = log
 
     def serve(self, call: Optional[ComfyAttentionCall], model_call: Optional[ModelCall],
-              self_attention: Optional[bool] = None) -> Optional[torch.Tensor]:
+              self_attention: Optional[bool] = None, pack_behind: bool = False) -> Optional[torch.Tensor]:
         """Our attention for one call, in the caller's layout; None: passed on unchanged (declined, or a call the
-        pack cannot serve). ``self_attention``: known from where the call comes (attn1/attn2 replace patches)."""
+        pack cannot serve). ``self_attention``: known from where the call comes (attn1/attn2 replace patches).
+        A call of a model call with regional prompts (regional.py) that this patch declines is served exact with
+        their mask, unless ``pack_behind``: the override it passes calls to is one of the pack's, which applies them."""
         reason = self.decline_reason(call, model_call)
-        if reason is not None:
+        regional = call.transformer_options.get(REGIONS_KEY) if call is not None else None
+        if reason is not None and (regional is None or pack_behind):
             if reason:
                 self.log.info(("declined", reason), f"{reason}; such calls are passed on unchanged")
             return None
         placement = place_call(self.family, call.query_tokens, call.key_tokens, model_call, call.transformer_options,
                                self_attention)
-        if self_attention is None and not self.takes(placement.self_attention):
+        taken = reason is None and (self_attention is not None or self.takes(placement.self_attention))
+        if not taken and (regional is None or pack_behind):
             return None
         run = self.runs.get(model_call.device) if model_call is not None else None
-        region = self._region(call, placement, model_call, run) if placement.self_attention else None
-        return self._run(call, placement, model_call, run, region)
+        if regional is not None:
+            region = self._regional(call, placement, model_call, regional)
+        else:
+            region = self._region(call, placement, model_call, run) if placement.self_attention else None
+        return self._run(call, placement, model_call, run, region, not taken)
 
     def decline_reason(self, call: Optional[ComfyAttentionCall], model_call: Optional[ModelCall]) -> Optional[str]:
-        """Why this call is passed on ("": silently, outside the schedule window), or None to serve it."""
+        """Why this call is passed on ("": silently, outside the schedule window or a patch for regional prompts
+        only), or None to serve it."""
         if call is None:
             return "an attention call with arguments this pack cannot read"
+        if self.settings.regions_only:
+            return ""
         # a model called outside ComfyUI's apply_model (no ModelCall): the schedule read per call
         active = (model_call.active if model_call is not None
                   else self.settings.active_for(call.transformer_options.get("sigmas")))
@@ -84,12 +95,28 @@ class CallServer:
         latent_batch = max(1, model_call.latent_shape[0] // chunks)
         return run.region_mask(masker, verdict, call.query_tokens, call.q.shape[0], latent_batch, call.q.device)
 
+    def _regional(self, call: ComfyAttentionCall, placement: CallPlacement, model_call: Optional[ModelCall],
+                  regional: RegionalCall) -> Optional[RegionMask]:
+        """The regional prompts' mask on one call (the node's own MASK gives way to them)."""
+        if self.settings.masker is not None:
+            self.log.warn("mask-and-regions", "a MASK on this node and regional prompts in the same model call: the "
+                          "regional prompts' masks apply, this node's MASK does not")
+        if model_call is None:
+            return None
+        region, why = regional.region_mask(self.family, placement, model_call, call.query_tokens, call.key_tokens,
+                                           call.q.shape[0], call.q.device)
+        if why:
+            self.log.warn(("regional", why), f"regional prompts are not applied to {self.family.name} attention calls "
+                          f"with {why}: there every prompt speaks to every image token")
+        return region
+
     def _run(self, call: ComfyAttentionCall, placement: CallPlacement, model_call: Optional[ModelCall],
-             run: Optional[SamplingRun], region: Optional[RegionMask]) -> Optional[torch.Tensor]:
-        """The chosen backend (or exact) on the node's heads, layernorm and masks; None where it cannot be prepared."""
+             run: Optional[SamplingRun], region: Optional[RegionMask], exact: bool = False) -> Optional[torch.Tensor]:
+        """The chosen backend (or exact) on the node's heads, layernorm and masks; None where it cannot be prepared.
+        ``exact``: a call served only for the regional prompts' mask, exact and on the model's own heads."""
         settings = self.settings
         masks = [mask for mask in (call.mask, region) if mask is not None]
-        heads = settings.heads or call.heads
+        heads = (settings.heads if not exact else 0) or call.heads
         q, k, v = call.q, call.k, call.v
         regroup = heads != call.heads  # the user's own split of the same channels into heads
         if regroup:
@@ -98,7 +125,8 @@ class CallServer:
             if call.skip_reshape:
                 q, k, v = (t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1) for t in (q, k, v))
         try:
-            prepared = prepare_call(q, k, v, heads, masks or None, layernorm=settings.layernorm, scale=call.scale,
+            prepared = prepare_call(q, k, v, heads, masks or None, layernorm=settings.layernorm and not exact,
+                                    scale=call.scale,
                                     skip_reshape=call.skip_reshape and not regroup, enable_gqa=call.enable_gqa,
                                     layout=placement.key if placement.self_attention else None,
                                     options=settings.options)
@@ -106,7 +134,7 @@ class CallServer:
             self.log.info(("unreadable", str(error)), f"cannot serve a call ({error}); such calls are passed on "
                           "unchanged")
             return None
-        name = self._backend_for(call, prepared, placement.exact_only)
+        name = select_backend(prepared) if exact else self._backend_for(call, prepared, placement.exact_only)
         if model_call is not None:
             model_call.count(BACKENDS[name].exact)
         skip_output_reshape = call.skip_output_reshape and not regroup

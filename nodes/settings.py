@@ -26,6 +26,8 @@ class PatchSettings:
     ``mask_mode``; ``masker``: the two, checked, as region labels for any call. options: the chosen backend's
     options (e.g. downsample). max_error: the quality guard's bound (0 = off). refresh: exact attention every
     ``refresh`` steps, its residual reused between (0 = off). cache_gb: the refresh mode's budget per device, GiB.
+    regions_only: the patch of Regional Prompts (PoP): it serves only calls with regional prompts, exact, and passes
+    the rest on (also those, where another of the pack's patches is behind it and applies them).
     """
 
     backend: str = "auto"
@@ -42,6 +44,7 @@ class PatchSettings:
     max_error: float = 0.0
     refresh: int = 0
     cache_gb: float = 8.0
+    regions_only: bool = False
     masker: Optional[RegionMasker] = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self):

@@ -35,8 +35,9 @@ def classic_node(module_name):
 
 def test_loads_under_a_dashed_folder_name():
     pack = load_pack_like_comfyui()
-    assert list(pack.NODE_CLASS_MAPPINGS) == ["EfficientAttentionPoP"]
-    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"EfficientAttentionPoP": "Efficient Attention (PoP)"}
+    assert list(pack.NODE_CLASS_MAPPINGS) == ["EfficientAttentionPoP", "RegionalPromptsPoP"]
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS == {"EfficientAttentionPoP": "Efficient Attention (PoP)",
+                                               "RegionalPromptsPoP": "Regional Prompts (PoP)"}
     node = classic_node("ComfyUI-EfficientAttention-PoP")
     assert node.RETURN_TYPES == ("MODEL",) and node.FUNCTION == "patch"
     assert node.CATEGORY == "model_patches/attention" and "input model is unchanged" in node.DESCRIPTION
@@ -142,11 +143,13 @@ def test_registry_metadata_and_literal_node_ids():
     assert not [c for c in project["project"]["classifiers"] if c.startswith("License ::")]
     assert project["build-system"]["requires"] == ["setuptools>=77"]
     assert not [d for d in project["project"]["dependencies"] if d.split("=")[0].split(">")[0].strip() == "torch"]
-    for path in ("nodes/__init__.py", "nodes/efficient_attention.py"):
+    for path, node_id in (("nodes/efficient_attention.py", "EfficientAttentionPoP"),
+                          ("nodes/regional_prompts.py", "RegionalPromptsPoP")):
         with open(os.path.join(ROOT, path)) as f:
-            assert '"EfficientAttentionPoP"' in f.read(), path
-    with open(os.path.join(ROOT, "nodes/__init__.py")) as f:
-        assert re.search(r'NODE_CLASS_MAPPINGS = \{"EfficientAttentionPoP":', f.read())
+            assert f'"{node_id}"' in f.read(), path
+    with open(os.path.join(ROOT, "nodes/__init__.py")) as f:  # the node ids, literally, as Manager's scanner reads them
+        mapping = re.search(r'NODE_CLASS_MAPPINGS = \{([^}]*)\}', f.read()).group(1)
+    assert re.findall(r'"([^"]+)":', mapping) == ["EfficientAttentionPoP", "RegionalPromptsPoP"]
 
 
 def registry_package(root=ROOT):
