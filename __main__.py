@@ -124,6 +124,42 @@ def quality(args) -> int:
     return 0
 
 
+def regional_speed(args) -> int:
+    from .benchmark.regional_speed import FLUX_SHAPED, format_rows, run
+
+    print(f"efficient_attention_pop regional-speed: models {args.models}, regions {args.regions}, {args.steps} euler "
+          f"steps, {args.repeats} interleaved rounds after a warm-up, random weights (Flux-shaped: hidden "
+          f"{FLUX_SHAPED['hidden_size']}, {FLUX_SHAPED['depth']} double + {FLUX_SHAPED['depth_single_blocks']} single "
+          f"blocks), torch {torch.__version__}, threads={torch.get_num_threads()}")
+    started = time.perf_counter()
+    rows = run(args.models, args.regions, args.steps, args.repeats, log=lambda line: print(line, file=sys.stderr))
+    print(format_rows(rows))
+    print(f"speedup = ComfyUI's masked conditioning (one evaluation per prompt and step) / one pass, whole sampling "
+          f"runs, median of the rounds' ratios (lowest-highest); total {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def regional_accuracy(args) -> int:
+    from .benchmark.regional_accuracy import format_rows, layouts_of, picture, run
+
+    print(f"efficient_attention_pop regional-accuracy: proxy model, regions {args.regions}, {args.images} images "
+          f"each, {args.steps} steps, guidance 2, isolation {args.isolations}, base_weight {args.base_weights}, "
+          f"torch {torch.__version__}, threads={torch.get_num_threads()}")
+    started = time.perf_counter()
+    rows, judge_accuracy = run(args.regions, args.images, args.steps, args.isolations, args.base_weights,
+                               log=lambda line: print(line, file=sys.stderr))
+    print(format_rows(rows))
+    print(f"regions right: the judge (a CNN trained on the proxy's photographs, {judge_accuracy:.0%} right on fresh "
+          f"crops) names the region's own class; seam: mean step across region borders / mean step between "
+          f"neighbouring columns elsewhere; total {time.perf_counter() - started:.1f} s")
+    if args.save:
+        from .benchmark.proxy import load_proxy_model
+
+        picture(load_proxy_model(), layouts_of(max(args.regions), 4, 13), args.steps, args.save, 0.3, 0.3)
+        print(f"picture: {args.save}")
+    return 0
+
+
 def gpu_report(args) -> int:
     from .benchmark.gpu_report import run_report
 
@@ -217,10 +253,32 @@ def main(argv=None) -> int:
                            "Markdown report (--device cpu checks it without a GPU)")
     gpu_report_arguments(report_parser, "cuda" if torch.cuda.is_available() else "cpu")
     report_parser.set_defaults(func=gpu_report)
+    regional_parser = sub.add_parser(
+        "regional-speed", help="whole sampling runs with a prompt per region: one pass against ComfyUI's own masked "
+                               "conditioning (needs ComfyUI importable)")
+    regional_parser.add_argument("--model", dest="models", action="append", choices=("sd15", "flux"),
+                                 help="sd15 (full-size UNet, 512 px) and/or flux (Flux-shaped DiT, 1024 px); default "
+                                      "both")
+    regional_parser.add_argument("--regions", type=int, nargs="+", default=[2, 4, 8], help="region counts (2 4 8)")
+    regional_parser.add_argument("--steps", type=int, default=2, help="euler steps per run (default 2)")
+    regional_parser.add_argument("--repeats", type=int, default=2, help="timed rounds after a warm-up (default 2)")
+    regional_parser.set_defaults(func=regional_speed, models=None)
+    accuracy_parser = sub.add_parser(
+        "regional-accuracy", help="does each prompt land in its region: one pass against ComfyUI's way on the "
+                                  "trained proxy model, judged by a classifier (needs scikit-image)")
+    accuracy_parser.add_argument("--regions", type=int, nargs="+", default=[2, 3], help="region counts (2 3)")
+    accuracy_parser.add_argument("--images", type=int, default=24, help="images per region count (24)")
+    accuracy_parser.add_argument("--steps", type=int, default=12, help="sampling steps (12)")
+    accuracy_parser.add_argument("--isolation", dest="isolations", type=float, nargs="+", default=[0.0, 0.3, 1.0])
+    accuracy_parser.add_argument("--base-weight", dest="base_weights", type=float, nargs="+", default=[0.0, 0.3, 1.0])
+    accuracy_parser.add_argument("--save", metavar="PNG", help="also draw samples: ComfyUI's way above one pass")
+    accuracy_parser.set_defaults(func=regional_accuracy)
     info_parser = sub.add_parser("info", help="versions, device, which backends are available here and which the "
                                               "ComfyUI node offers, and why not")
     info_parser.set_defaults(func=info)
     args = parser.parse_args(argv)
+    if args.command == "regional-speed":
+        args.models = args.models or ["sd15", "flux"]
     args.argv = ["python -m efficient_attention_pop"] + list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 

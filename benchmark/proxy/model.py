@@ -157,9 +157,11 @@ class ProxyDiT(nn.Module):
             nn.init.zeros_(layer.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                attention_fn: Optional[AttentionFn] = None) -> torch.Tensor:
+                attention_fn: Optional[AttentionFn] = None, cond_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, C, H, W) noisy image, t (B,) in [0, 1] (1 = pure noise), labels (B,) int in
-        [0, num_classes] (num_classes = no class) -> velocity (B, C, H, W).
+        [0, num_classes] (num_classes = no class) -> velocity (B, C, H, W). ``cond_tokens`` (B, n, hidden): other
+        cond tokens than the labels' (several classes' tokens side by side, for regional prompts); the labels
+        still modulate.
 
         attention_fn(q, k, v, layout, layer_index): q, k, v (B, heads, N_total, head_dim) after QK-norm
         and rotary, N_total = cond_tokens + (H/2)*(W/2), layout = TokenLayout(1, H/2, W/2,
@@ -172,16 +174,17 @@ class ProxyDiT(nn.Module):
         grid_h, grid_w = height // p, width // p
         patches = x.view(batch, channels, grid_h, p, grid_w, p).permute(0, 2, 4, 1, 3, 5)
         image_tokens = self.patch_embed(patches.reshape(batch, grid_h * grid_w, channels * p * p))
-        cond_tokens = self.cond_token_embed(labels).view(batch, c.cond_tokens, c.hidden)
+        if cond_tokens is None:
+            cond_tokens = self.cond_token_embed(labels).view(batch, c.cond_tokens, c.hidden)
         tokens = torch.cat([cond_tokens, image_tokens], dim=1)
         cond = F.silu(self.time_embed(timestep_features(t).to(x.dtype)) + self.class_embed(labels))
-        layout = TokenLayout(frames=1, height=grid_h, width=grid_w, before=c.cond_tokens, after=0)
+        layout = TokenLayout(frames=1, height=grid_h, width=grid_w, before=cond_tokens.shape[1], after=0)
         cos, sin = rope_tables(layout, c.head_dim, c.rope_theta, x.device)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer_index, block in enumerate(self.blocks):
             tokens = block(tokens, cond, cos, sin, layout, attention_fn, layer_index)
         shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)
-        out = self.to_patches(self.final_norm(tokens[:, c.cond_tokens:]) * (1 + scale) + shift)
+        out = self.to_patches(self.final_norm(tokens[:, layout.before:]) * (1 + scale) + shift)
         out = out.view(batch, grid_h, grid_w, channels, p, p).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(batch, channels, height, width)
 
