@@ -112,6 +112,47 @@ def test_our_node_holds_values_it_accepts_in_its_input_order(path):
         assert fed == ["KSampler"], fed
 
 
+REGIONAL = [path for path in EXAMPLES if "regional prompts" in os.path.basename(path)]
+
+
+def test_there_are_regional_examples_for_a_unet_and_a_dit():
+    names = [os.path.basename(path) for path in REGIONAL]
+    assert any(name.startswith("SD1.5") for name in names) and any(name.startswith("Flux") for name in names)
+
+
+@pytest.mark.parametrize("path", REGIONAL, ids=os.path.basename)
+def test_regional_examples_join_three_masked_prompts_and_a_base_into_the_positive(path):
+    """Wired as people wire regional prompts today: three Conditioning (Set Mask) entries and a base prompt combined,
+    into Regional Prompts (PoP), whose values the node accepts, whose conditioning reaches the KSampler's positive
+    (through Flux Guidance where the model needs it) and whose model reaches the KSampler."""
+    from efficient_attention_pop.nodes.regional_prompts import INPUTS
+
+    workflow = load(path)
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+    (ours,) = [node for node in workflow["nodes"] if node["type"] == "RegionalPromptsPoP"]
+    for (name, kind, options, _), value in zip(INPUTS, ours["widgets_values"], strict=True):
+        assert options["min"] <= value <= options["max"], (name, value)
+
+    def upstream(node, types):
+        found = [node["type"]] if node["type"] in types else []
+        for entry in node.get("inputs", []):
+            if entry["link"] is not None:
+                found += upstream(nodes[links[entry["link"]][1]], types)
+        return found
+
+    assert upstream(ours, {"ConditioningSetMask"}).count("ConditioningSetMask") == 3
+
+    node, slot = ours, 1  # the joined conditioning, followed to the sampler
+    while node["type"] != "KSampler":
+        (link,) = node["outputs"][slot]["links"]
+        node, slot = nodes[links[link][3]], 0
+        target_input = node["inputs"][links[link][4]]["name"]
+    assert target_input == "positive"
+    sampler = node
+    assert "RegionalPromptsPoP" in upstream(sampler, {"RegionalPromptsPoP"})
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
 def test_a_note_names_every_model_file_and_the_size(path):
     workflow = load(path)
