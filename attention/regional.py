@@ -121,6 +121,11 @@ class RegionalPrompt:
         prompts = torch.repeat_interleave(torch.arange(len(self.segments)), torch.tensor(self.segments))
         return prompts.repeat(length // self.tokens)
 
+    def text_places(self, length: int) -> torch.Tensor:
+        """(length,) each text token's place within its own prompt (0, 1, ...), the text tiled as in text_prompts."""
+        places = torch.cat([torch.arange(count) for count in self.segments])
+        return places.repeat(length // self.tokens)
+
     def _labels(self, side: TokenMap, pooling: str, groups: Dict[int, int]) -> torch.Tensor:
         """(tokens,) labels of one side: prompts 0..R for text, R + 1 for other tokens, R + 2 + group for image cover
         sets."""

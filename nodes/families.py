@@ -59,6 +59,9 @@ class ModelFamily:
     known: False for a model class the pack knows nothing about (no class of its hierarchy is in FAMILIES).
     recognised_as: how the family was recognised, for the log (e.g. "SCAILWanModel, a subclass of WanModel").
     regional: why Regional Prompts (PoP) cannot serve this family in one pass (None: it can), see regional.py.
+    leading_tokens: with others first, the tokens before the text (AuraFlow's register tokens), read from the model.
+    text_positions_restart: the model's forward hands its text position ids to ``post_input`` patches, where
+        regional.restart_text_positions gives each prompt the positions it has alone (Qwen-Image in 0.33).
     """
 
     name: str
@@ -84,6 +87,8 @@ class ModelFamily:
     known: bool = True
     recognised_as: str = ""
     regional: Optional[str] = "its token layout is not yet verified for regional prompts in one pass"
+    leading_tokens: int = 0  # with others first: tokens before the text (AuraFlow's registers), from the model
+    text_positions_restart: bool = False  # rotary text positions restartable per prompt via post_input patches
 
     @property
     def is_unet(self) -> bool:
@@ -111,7 +116,7 @@ FAMILIES: Dict[str, ModelFamily] = {
     "StageC": ModelFamily("Stable Cascade C", keys_append_text=True),
     "StageB": ModelFamily("Stable Cascade B", keys_append_text=True),
     "OpenAISignatureMMDITWrapper": _dit("SD3", **_JOINT_TEXT_FIRST, regional=None),
-    "MMDiT": _dit("AuraFlow", others_first=True),  # [register tokens, text, image]
+    "MMDiT": _dit("AuraFlow", others_first=True, regional=None),  # [register tokens, text, image]
     "Flux": _dit("Flux", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=None),  # Flux 2: patch 1, read from the model
     "Chroma": _dit("Chroma", **_JOINT_TEXT_FIRST, regional=None),
     "HunyuanVideo": _dit("HunyuanVideo", others_first=False, layout_changing_keywords=("ref_latent",),
@@ -122,8 +127,10 @@ FAMILIES: Dict[str, ModelFamily] = {
     "HumoWanModel": _dit("Wan HuMo", others_first=False, fixed_context_tokens=(16,), **_WAN),  # [video, reference]
     "LTXVModel": _dit("LTXV", patch_size=1, cross_attention=True,
                       regional="its text carries a padding mask per prompt, which one pass does not join"),
-    "QwenImageTransformer2DModel": _dit("Qwen-Image", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=_TEXT_ROPE),
-    "MageFlowTransformer2DModel": _dit("MageFlow", patch_size=1, **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),
+    "QwenImageTransformer2DModel": _dit("Qwen-Image", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=_TEXT_ROPE,
+                                        text_positions_restart=True),
+    "MageFlowTransformer2DModel": _dit("MageFlow", patch_size=1, **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER,
+                                        regional=None),
     "NextDiT": _dit("Lumina 2", others_first=True, regional=_TEXT_ROPE),
     "HiDreamImageTransformer2DModel": _dit("HiDream", others_first=False),
     "AsymmDiTJoint": _dit("Mochi", others_first=False),
@@ -135,14 +142,14 @@ FAMILIES: Dict[str, ModelFamily] = {
     "Hunyuan3Dv2": _dit("Hunyuan3D v2", patch_size=1, others_first=True,
                         mask_unsupported="its latent is a 3-D shape, with no image grid to place a mask on"),
     # ComfyUI 0.33 families (issue 24)
-    "Kandinsky5": _dit("Kandinsky 5", cross_attention=True, text_self_attention=True),  # text blocks; video self, cross
-    "CogVideoXTransformer3DModel": _dit("CogVideoX", **_JOINT_TEXT_FIRST),  # [text, video]; 1.5: patch_size_t 2
+    "Kandinsky5": _dit("Kandinsky 5", cross_attention=True, text_self_attention=True, regional=None),  # text blocks; video self, cross
+    "CogVideoXTransformer3DModel": _dit("CogVideoX", **_JOINT_TEXT_FIRST, regional=None),  # [text, video]; 1.5: patch_size_t 2
     "JoyImageTransformer3DModel": _dit("JoyImage", others_first=False, text_after_image=True,
-                                       reference_keyword="ref_latents"),  # [image, references, text]
+                                       reference_keyword="ref_latents", regional=None),  # [image, references, text]
     "LensTransformer2DModel": ModelFamily("Lens", patch_size=(1, 1, 1), own_patch_size=False, others_first=False,
                                           text_after_image=True),  # [image, text], one token per latent cell
     "PixDiT_T2I": _dit("PixelDiT", patch_size=16, **_JOINT_TEXT_FIRST),  # pixels: [text, image]; pixel blocks: image
-    "SingleStreamDiT": _dit("Krea 2", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER),  # [text, image, refs]; img_slice set
+    "SingleStreamDiT": _dit("Krea 2", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=None),  # [text, image, refs]; img_slice set
     "Ideogram4Transformer2DModel": ModelFamily("Ideogram 4", patch_size=(1, 1, 1), own_patch_size=False,
                                                **_JOINT_TEXT_FIRST),  # [text, image] (image only without context)
     "BooguTransformer2DModel": _dit("Boogu", **_JOINT_TEXT_FIRST, **_REFERENCES_BEFORE, reference_stream=True),
@@ -206,6 +213,13 @@ def model_family(diffusion_model) -> ModelFamily:
         limit = getattr(diffusion_model, "txt_max_length", None)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:  # PixelDiT: text cut to this
             family = replace(family, text_limit=limit)
+    if family.text_positions_restart:  # one pass only where the forward has the post_input patch point
+        post_input = "post_input" in _code_constants(base)
+        family = replace(family, text_positions_restart=post_input, regional=None if post_input else
+                         f"{family.regional} (this ComfyUI has no post_input patch point to restart them)")
+    registers = getattr(diffusion_model, "register_tokens", None)
+    if isinstance(registers, torch.Tensor) and registers.ndim == 3:  # AuraFlow: [registers, text, image]
+        family = replace(family, leading_tokens=registers.shape[1])
     if family.is_unet and getattr(diffusion_model, "use_temporal_resblocks", False):
         family = replace(family, regional="it is conditioned on an image, not on text prompts")  # SVD
     if base.__name__ == "Flux" and getattr(getattr(diffusion_model, "params", None), "txt_ids_dims", None):

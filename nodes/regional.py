@@ -160,13 +160,13 @@ class RegionalCall:
                     key_tokens: int, batch: int, device) -> Tuple[Optional[RegionMask], Optional[str]]:
         """(the mask of one attention call, or None where it allows everything; why the call cannot be served with
         the prompts' regions, or None)."""
-        if batch != self.rows.shape[0]:
-            return None, f"an attention batch of {batch} rows in a model call of {self.rows.shape[0]}"
         sides = self._sides(family, placement, model_call, query_tokens, key_tokens)
         if isinstance(sides, str):
             return None, sides
         if sides is None:
             return None, None
+        if batch != self.rows.shape[0]:
+            return None, f"an attention batch of {batch} rows in a model call of {self.rows.shape[0]}"
         queries, keys = sides
         isolate = self.isolate
         if placement.self_attention and queries.image is not None and keys.image is not None:
@@ -194,8 +194,9 @@ class RegionalCall:
                 side = TokenMap(key_tokens, layout)
                 return (TokenMap(query_tokens, placement.query), side) if placement.query is not None else \
                     "queries whose places are not known (merged, e.g. by ToMe)"
-            if family.text_before_image and layout.before == text and placement.query == layout:
-                side = TokenMap(key_tokens, layout, 0, text)
+            start = _text_start(family, layout, text, key_tokens)
+            if start is not None and placement.query == layout:
+                side = TokenMap(key_tokens, layout, start, text)
                 return side, side
             return f"{key_tokens} tokens whose text this pack cannot place for regional prompts"
         if key_tokens != text:
@@ -203,6 +204,28 @@ class RegionalCall:
         if placement.query is None or placement.query.before or placement.query.after:
             return f"cross-attention queries ({query_tokens} tokens) that are not the image grid"
         return TokenMap(query_tokens, placement.query), TokenMap(key_tokens, None, 0, key_tokens)
+
+
+def _text_start(family: ModelFamily, layout, text: int, tokens: int) -> Optional[int]:
+    """Where a joint call's text starts: just before the image after the family's leading tokens (AuraFlow's
+    registers), or at the end after the image and its references; None where the counts do not say so."""
+    if family.others_first and layout.before == family.leading_tokens + text:
+        return family.leading_tokens
+    if family.text_after_image and layout.after >= text:
+        return tokens - text
+    return None
+
+
+def restart_text_positions(args: dict) -> dict:
+    """A ``post_input`` patch: in the rows of regional prompts, each prompt's text positions restart where the text
+    starts, as if it were alone (txt_ids (B, L, axes), every axis counting along the text)."""
+    regional = args["transformer_options"].get(REGIONS_KEY)
+    ids = args.get("txt_ids")
+    if regional is None or not isinstance(ids, torch.Tensor) or ids.ndim != 3 or ids.shape[0] != len(regional.rows):
+        return args
+    places = regional.prompts.prompt.text_places(ids.shape[1]).to(ids)
+    restarted = ids[:, :1] + places[None, :, None]
+    return dict(args, txt_ids=torch.where(regional.rows.to(ids.device)[:, None, None], restarted, ids))
 
 
 def regional_call(prompts_by_uuid: Dict[object, RegionalPrompts], options: dict, latent: torch.Tensor,

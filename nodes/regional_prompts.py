@@ -13,7 +13,7 @@ from .efficient_attention import CATEGORY
 from .families import model_family
 from .log import REGIONAL_NODE_NAME, logger
 from .patch import patch_model
-from .regional import RegionRules, join_conditioning
+from .regional import RegionRules, join_conditioning, restart_text_positions
 from .settings import PatchSettings
 
 DESCRIPTION = (
@@ -71,7 +71,10 @@ def apply_regional_prompts(model, conditioning, isolation=DEFAULTS.isolation, ba
         return model, conditioning
     for note in joined.notes:
         logger.warning("%s: %s", REGIONAL_NODE_NAME, note)
-    return patch_model(model, PatchSettings(regions_only=True)), joined.conditioning
+    patched = patch_model(model, PatchSettings(regions_only=True))
+    if model_family(model.model.diffusion_model).text_positions_restart:
+        patched.set_model_patch(restart_text_positions, "post_input")
+    return patched, joined.conditioning
 
 
 class RegionalPromptsPoP:

@@ -137,18 +137,20 @@ def test_at_isolation_1_a_region_never_depends_on_another_regions_prompt(comfy, 
     left[:, :split] = 1
     prompts = [torch.randn(1, tokens, channels, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
-    def output(first_prompt):
-        model_r, conditioning = apply_regional_prompts(model, [[first_prompt, {"mask": left}],
-                                                               [prompts[1], {"mask": 1 - left}]], isolation=1.0)
+    def output(first_prompt, swapped=False):
+        entries = [[first_prompt, {"mask": left}], [prompts[1], {"mask": 1 - left}]]
+        model_r, conditioning = apply_regional_prompts(model, entries[::-1] if swapped else entries, isolation=1.0)
         call, options = _joined_call(model_r, conditioning, inputs)
         return zoo.run_model(model_r, call, options), call
 
-    (base, call), (changed, _) = output(prompts[0]), output(prompts[2])
+    (base, call), (changed, _), (swapped, _) = output(prompts[0]), output(prompts[2]), output(prompts[0], True)
     reference = zoo.run_model(model, call)
     right = (slice(None),) * (x.ndim - 2) + (slice(split, None),)
     left_cols = (slice(None),) * (x.ndim - 2) + (slice(0, split),)
     difference = (changed[0][right] - base[0][right]).norm() / base[0][right].norm()
     assert difference < 1e-5, f"{case.name}: the right region changed by {difference:.2e} with the left's prompt"
+    moved = (swapped[0][right] - base[0][right]).norm() / base[0][right].norm()  # its prompt placed first, not last
+    assert moved < 1e-5, f"{case.name}: the right region changed by {moved:.2e} with its prompt's place in the text"
     left_change = (changed[0][left_cols] - base[0][left_cols]).norm() / base[0][left_cols].norm()
     plain = [zoo.run_model(model, dict(call, conds=dict(call["conds"], c_crossattn=torch.cat(
         [torch.cat([p, prompts[1]], 1), call["conds"]["c_crossattn"][1:]])))) for p in (prompts[0], prompts[2])]
@@ -286,13 +288,12 @@ def test_impossible_choices_stop_at_the_node(sd):
 
 
 def test_a_family_one_pass_cannot_serve_falls_back_naming_it(comfy, caplog):
-    case = next(case for case in zoo.CASES if case.name.startswith("Qwen-Image"))
-    model = case.build()
-    conditioning = [[_text(1, channels=model.model.diffusion_model.txt_in.in_features if hasattr(
-        model.model.diffusion_model, "txt_in") else 32), {"mask": torch.ones(8, 8)}]]
+    case = next(case for case in zoo.CASES if case.name == "Lumina 2")
+    model, inputs = case.build(), case.inputs()
+    conditioning = [[inputs["conds"]["c_crossattn"][:1], {"mask": torch.ones(8, 8)}]]
     out_model, out = apply_regional_prompts(model, conditioning)
     assert out_model is model and out is conditioning
-    assert "Qwen" in _warnings(caplog) and "rotary positions" in _warnings(caplog)
+    assert "Lumina 2" in _warnings(caplog) and "rotary positions" in _warnings(caplog)
 
 
 def test_in_a_comfyui_without_sampler_wrappers_both_pass_through_with_why(caplog):
