@@ -140,7 +140,7 @@ def regional_speed(args) -> int:
 
 
 def regional_accuracy(args) -> int:
-    from .benchmark.regional_accuracy import format_rows, layouts_of, picture, run
+    from .benchmark.regional_accuracy import DEFAULTS, format_rows, layouts_of, picture, run
 
     print(f"efficient_attention_pop regional-accuracy: proxy model, regions {args.regions}, {args.images} images "
           f"each, {args.steps} steps, guidance 2, isolation {args.isolations}, base_weight {args.base_weights}, "
@@ -155,7 +155,8 @@ def regional_accuracy(args) -> int:
     if args.save:
         from .benchmark.proxy import load_proxy_model
 
-        picture(load_proxy_model(), layouts_of(max(args.regions), 4, 13), args.steps, args.save, 0.3, 0.3)
+        picture(load_proxy_model(), layouts_of(max(args.regions), 4, 13), args.steps, args.save, DEFAULTS.isolation,
+                DEFAULTS.base_weight)
         print(f"picture: {args.save}")
     return 0
 
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
     accuracy_parser.add_argument("--regions", type=int, nargs="+", default=[2, 3], help="region counts (2 3)")
     accuracy_parser.add_argument("--images", type=int, default=24, help="images per region count (24)")
     accuracy_parser.add_argument("--steps", type=int, default=12, help="sampling steps (12)")
-    accuracy_parser.add_argument("--isolation", dest="isolations", type=float, nargs="+", default=[0.0, 0.3, 1.0])
+    accuracy_parser.add_argument("--isolation", dest="isolations", type=float, nargs="+", default=[0.0, 0.2, 0.3, 1.0])
     accuracy_parser.add_argument("--base-weight", dest="base_weights", type=float, nargs="+", default=[0.0, 0.3, 1.0])
     accuracy_parser.add_argument("--save", metavar="PNG", help="also draw samples: ComfyUI's way above one pass")
     accuracy_parser.set_defaults(func=regional_accuracy)

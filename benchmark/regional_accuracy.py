@@ -3,7 +3,9 @@ its classes (one photograph each): an image of R squares side by side, each regi
 
 - One pass: the regions' cond tokens side by side ([base, region 1, ..., region R], the base prompt the null class,
   which also modulates), attention masked by attention/regional.py's rules at the given isolation and base_weight.
-- ComfyUI's way: one evaluation per region with its own class, blended by the masks, as comfy/samplers.py does.
+- ComfyUI's way: one evaluation per region with its own class, blended by the masks, as comfy/samplers.py does;
+  and the same with each class given as cond tokens only (the null class modulating, as in one pass), which tells
+  what the proxy takes from its global class modulation, which one pass cannot give each region.
 Both with classifier-free guidance against the null class (one more evaluation per step).
 
 A small CNN trained here on the same photographs (its accuracy on fresh crops is printed) judges each region's
@@ -23,9 +25,13 @@ import torch.nn.functional as F
 
 from ..attention import attention
 from ..attention.regional import RegionalPrompt, TokenMap
+from ..nodes.regional import RegionRules
 from .table import markdown_table
 
+DEFAULTS = RegionRules()  # the node's defaults
+
 SIZE = 32  # one region: the proxy's training size
+TOKENS_ONLY = "comfyui, tokens only"  # ComfyUI's way with the class as cond tokens only (no per-region modulation)
 
 
 class Judge(nn.Module):
@@ -95,8 +101,9 @@ def one_pass_velocity(model, x, t, classes: Sequence[int], isolation_now: bool, 
 
 @torch.no_grad()
 def sample(model, classes: Sequence[int], way: str, steps: int, seed: int, guidance: float = 2.0,
-           isolation: float = 0.3, base_weight: float = 0.3) -> torch.Tensor:
-    """One image of len(classes) regions side by side, (3, 32, 32 R) in [-1, 1]; way: "one pass" or "comfyui"."""
+           isolation: float = DEFAULTS.isolation, base_weight: float = DEFAULTS.base_weight) -> torch.Tensor:
+    """One image of len(classes) regions side by side, (3, 32, 32 R) in [-1, 1]; way: "one pass", "comfyui" or
+    TOKENS_ONLY."""
     regions = len(classes)
     x = torch.randn(1, 3, SIZE, SIZE * regions, generator=torch.Generator().manual_seed(seed))
     times = torch.linspace(1.0, 0.0, steps + 1)
@@ -105,8 +112,13 @@ def sample(model, classes: Sequence[int], way: str, steps: int, seed: int, guida
     isolated_steps = round(isolation * steps)
     for step, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         unconditional = model(x, t.expand(1), null)
-        if way == "comfyui":
-            per_region = model(x.expand(regions, -1, -1, -1), t.expand(regions), torch.tensor(list(classes)))
+        if way.startswith("comfyui"):
+            labels = torch.tensor(list(classes))
+            tokens = None
+            if way == TOKENS_ONLY:  # each region's class as cond tokens only, the null class modulating
+                tokens = model.cond_token_embed(labels).view(regions, model.config.cond_tokens, -1)
+                labels = null.expand(regions)
+            per_region = model(x.expand(regions, -1, -1, -1), t.expand(regions), labels, cond_tokens=tokens)
             conditional = (per_region * masks).sum(0, keepdim=True) / masks.sum(0, keepdim=True)
         else:
             conditional = one_pass_velocity(model, x, t, classes, step < isolated_steps, base_weight)
@@ -138,7 +150,7 @@ class AccuracyRow:
 def measure(model, judge, way: str, layouts: List[List[int]], steps: int, isolation=None, base_weight=None):
     right, seams, started = [], [], time.perf_counter()
     for seed, classes in enumerate(layouts):
-        options = {} if way == "comfyui" else dict(isolation=isolation, base_weight=base_weight)
+        options = {} if way.startswith("comfyui") else dict(isolation=isolation, base_weight=base_weight)
         image = sample(model, classes, way, steps, seed, **options)
         squares = image.view(3, SIZE, len(classes), SIZE).permute(2, 0, 1, 3)
         right += (judge(squares).argmax(1) == torch.tensor(classes)).tolist()
@@ -164,8 +176,9 @@ def run(region_counts: Sequence[int], count: int, steps: int, isolations: Sequen
     rows = []
     for regions in region_counts:
         layouts = layouts_of(regions, count, classes)
-        rows.append(measure(model, judge, "comfyui", layouts, steps))
-        log(f"{regions} regions, comfyui: {rows[-1].correct:.2f}")
+        for way in ("comfyui", TOKENS_ONLY):
+            rows.append(measure(model, judge, way, layouts, steps))
+            log(f"{regions} regions, {way}: {rows[-1].correct:.2f}")
         for isolation, base_weight in itertools.product(isolations, base_weights):
             rows.append(measure(model, judge, "one pass", layouts, steps, isolation, base_weight))
             log(f"{regions} regions, one pass isolation {isolation} base_weight {base_weight}: {rows[-1].correct:.2f}")

@@ -24,7 +24,7 @@ SD15 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, nu
             use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False, adm_in_channels=None,
             use_temporal_attention=False, use_temporal_resblock=False, use_checkpoint=False)
 FLUX_SHAPED = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                   hidden_size=1024, mlp_ratio=4.0, num_heads=8, depth=2, depth_single_blocks=4,
+                   hidden_size=512, mlp_ratio=4.0, num_heads=4, depth=1, depth_single_blocks=2,
                    axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True)
 MODELS = {  # name -> (config class, model_base class, unet config, pixels, text tokens per prompt, text width, pooled)
     "sd15": ("SD15", "BaseModel", SD15, 512, 77, 768, None),

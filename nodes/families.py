@@ -106,14 +106,15 @@ _REFERENCES_AFTER = dict(references_after_image=True, reference_keyword="ref_lat
 _REFERENCES_BEFORE = dict(references_before_image=True, reference_keyword="ref_latents")
 _TEXT_ROPE = ("rotary positions run over its text, so a prompt placed after another would sit at other positions "
               "than alone")
-_TEXT_REFINER = "its token refiner mixes the text of all prompts before the layers a mask can reach"
+_TEXT_REFINER = "its token refiner averages the text of all prompts into one vector before any layer a mask reaches"
 
 # Class name of a diffusion model, or of one of its base classes -> family, as each model's forward in ComfyUI
 # lays out its tokens (0.3.64 and 0.33; see docs/model-families.md). A subclass inherits its base's knowledge; every
 # layout is still checked against the call's token count, the latent, the model's patch size and the text.
 FAMILIES: Dict[str, ModelFamily] = {
     "UNetModel": ModelFamily("UNet", cross_attention=True, regional=None),  # SD1.x, SD2.x, SDXL, SVD (+ temporal)
-    "StageC": ModelFamily("Stable Cascade C", keys_append_text=True),
+    "StageC": ModelFamily("Stable Cascade C", keys_append_text=True,
+                          regional="its text comes as clip_text, which this pack does not read per model call"),
     "StageB": ModelFamily("Stable Cascade B", keys_append_text=True),
     "OpenAISignatureMMDITWrapper": _dit("SD3", **_JOINT_TEXT_FIRST, regional=None),
     "MMDiT": _dit("AuraFlow", others_first=True, regional=None),  # [register tokens, text, image]
@@ -125,34 +126,39 @@ FAMILIES: Dict[str, ModelFamily] = {
     "WanModel_S2V": _dit("Wan S2V", **_WAN, regional="its reference and motion frames sit beside the video, "
                                                         "where this pack does not place them"),
     "HumoWanModel": _dit("Wan HuMo", others_first=False, fixed_context_tokens=(16,), **_WAN),  # [video, reference]
-    "LTXVModel": _dit("LTXV", patch_size=1, cross_attention=True,
-                      regional="its text carries a padding mask per prompt, which one pass does not join"),
+    "LTXVModel": _dit("LTXV", patch_size=1, cross_attention=True, regional=None),
     "QwenImageTransformer2DModel": _dit("Qwen-Image", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=_TEXT_ROPE,
                                         text_positions_restart=True),
     "MageFlowTransformer2DModel": _dit("MageFlow", patch_size=1, **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER,
                                         regional=None),
     "NextDiT": _dit("Lumina 2", others_first=True, regional=_TEXT_ROPE),
-    "HiDreamImageTransformer2DModel": _dit("HiDream", others_first=False),
-    "AsymmDiTJoint": _dit("Mochi", others_first=False),
+    "HiDreamImageTransformer2DModel": _dit("HiDream", others_first=False,
+                                           regional="its text comes in three streams (T5 and two Llama layers)"),
+    "AsymmDiTJoint": _dit("Mochi", others_first=False, regional="it pools its text into the global modulation and "
+                                                                  "crops it to the first prompt's token count"),
     "GeneralDIT": _dit("Cosmos", cross_attention=True, regional=None),
     "MiniTrainDIT": _dit("Cosmos Predict2", cross_attention=True, regional=None),
-    "OmniGen2Transformer2DModel": _dit("OmniGen2", **_JOINT_TEXT_FIRST, **_REFERENCES_BEFORE),  # [text, refs, image]
+    "OmniGen2Transformer2DModel": _dit("OmniGen2", **_JOINT_TEXT_FIRST, **_REFERENCES_BEFORE, regional=_TEXT_ROPE),  # [text, refs, image]
     "AudioDiffusionTransformer": _dit("Stable Audio", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
     "ACEStepTransformer2DModel": _dit("ACE-Step", patch_size=1, cross_attention=True, mask_unsupported=_AUDIO),
     "Hunyuan3Dv2": _dit("Hunyuan3D v2", patch_size=1, others_first=True,
                         mask_unsupported="its latent is a 3-D shape, with no image grid to place a mask on"),
     # ComfyUI 0.33 families (issue 24)
     "Kandinsky5": _dit("Kandinsky 5", cross_attention=True, text_self_attention=True, regional=None),  # text blocks; video self, cross
-    "CogVideoXTransformer3DModel": _dit("CogVideoX", **_JOINT_TEXT_FIRST, regional=None),  # [text, video]; 1.5: patch_size_t 2
+    # [text, video]; 1.5: patch_size_t 2
+    "CogVideoXTransformer3DModel": _dit("CogVideoX", **_JOINT_TEXT_FIRST, regional=None),
     "JoyImageTransformer3DModel": _dit("JoyImage", others_first=False, text_after_image=True,
                                        reference_keyword="ref_latents", regional=None),  # [image, references, text]
     "LensTransformer2DModel": ModelFamily("Lens", patch_size=(1, 1, 1), own_patch_size=False, others_first=False,
-                                          text_after_image=True),  # [image, text], one token per latent cell
-    "PixDiT_T2I": _dit("PixelDiT", patch_size=16, **_JOINT_TEXT_FIRST),  # pixels: [text, image]; pixel blocks: image
-    "SingleStreamDiT": _dit("Krea 2", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=None),  # [text, image, refs]; img_slice set
+                                          text_after_image=True, regional=_TEXT_ROPE),  # [image, text], a token a cell
+    "PixDiT_T2I": _dit("PixelDiT", patch_size=16, **_JOINT_TEXT_FIRST,  # pixels: [text, image]; pixel blocks: image
+                       regional="it gives its text learned positions and cuts it at its txt_max_length"),
+    # [text, image, refs]; img_slice set
+    "SingleStreamDiT": _dit("Krea 2", **_JOINT_TEXT_FIRST, **_REFERENCES_AFTER, regional=None),
     "Ideogram4Transformer2DModel": ModelFamily("Ideogram 4", patch_size=(1, 1, 1), own_patch_size=False,
-                                               **_JOINT_TEXT_FIRST),  # [text, image] (image only without context)
-    "BooguTransformer2DModel": _dit("Boogu", **_JOINT_TEXT_FIRST, **_REFERENCES_BEFORE, reference_stream=True),
+                                               **_JOINT_TEXT_FIRST, regional=_TEXT_ROPE),  # [text, image]
+    "BooguTransformer2DModel": _dit("Boogu", **_JOINT_TEXT_FIRST, **_REFERENCES_BEFORE, reference_stream=True,
+                                    regional=_TEXT_ROPE),
 }
 
 
@@ -223,7 +229,7 @@ def model_family(diffusion_model) -> ModelFamily:
     if family.is_unet and getattr(diffusion_model, "use_temporal_resblocks", False):
         family = replace(family, regional="it is conditioned on an image, not on text prompts")  # SVD
     if base.__name__ == "Flux" and getattr(getattr(diffusion_model, "params", None), "txt_ids_dims", None):
-        family = replace(family, regional=_TEXT_ROPE)  # Flux 2: text positions along txt_ids_dims
+        family = replace(family, regional=f"{_TEXT_ROPE}, and ComfyUI left-pads a prompt to 512 tokens")  # Flux 2
     if base.__name__ == "HunyuanVideo" and "img_slice" in _code_constants(base):
         # the HunyuanVideo that sets img_slice (ComfyUI 0.14 and later) builds [text, reference latent, image]
         family = replace(family, others_first=True, references_before_image=True, reference_keyword="ref_latent",

@@ -28,7 +28,7 @@ DEFAULTS = RegionRules()
 INPUTS = [
     ("isolation", "FLOAT", {"default": DEFAULTS.isolation, "min": 0.0, "max": 1.0, "step": 0.01},
      "Share of the steps, from the start, in which image tokens attend only to their own region's image. At 1 the "
-     "regions are separate images made in one pass; 0.3 (default) composes them first and then lets the image "
+     "regions are separate images made in one pass; 0.2 (default) composes them first and then lets the image "
      "blend across the borders."),
     ("base_weight", "FLOAT", {"default": DEFAULTS.base_weight, "min": 0.0, "max": 1.0, "step": 0.01},
      "How strongly the base prompt (entries without a mask) speaks inside the regions: 0 not at all, 1 as much as "

@@ -110,6 +110,11 @@ def _joined_call(model, conditioning, inputs, negative_tokens=None):
     repeat = text.shape[1] // other.shape[1] if text.shape[1] % other.shape[1] == 0 else None
     other = other.repeat(1, repeat, 1) if repeat else torch.cat([other] * 2, 1)[:, :text.shape[1]]
     conds["c_crossattn"] = torch.cat([text, other])
+    if "attention_mask" in conditioning[0][1]:  # LTXV: the prompts' padding masks, joined like their text
+        other_mask = conds["attention_mask"][1:2]
+        other_mask = other_mask.repeat(1, text.shape[1] // other_mask.shape[1]) if repeat else \
+            torch.cat([other_mask] * 2, 1)[:, :text.shape[1]]
+        conds["attention_mask"] = torch.cat([conditioning[0][1]["attention_mask"], other_mask])
     ours = uuid.uuid4()
     _patch(model).runs.use_conds({"positive": [dict(conditioning[0][1], uuid=ours)]})
     return dict(inputs, conds=conds, cond_or_uncond=[0, 1]), {"uuids": [ours, uuid.uuid4()]}
@@ -137,8 +142,12 @@ def test_at_isolation_1_a_region_never_depends_on_another_regions_prompt(comfy, 
     left[:, :split] = 1
     prompts = [torch.randn(1, tokens, channels, generator=torch.Generator().manual_seed(i)) for i in range(3)]
 
+    padding = {}
+    if "attention_mask" in inputs["conds"]:  # as the model's text encoder gives it with each prompt
+        padding = {"attention_mask": inputs["conds"]["attention_mask"][:1]}
+
     def output(first_prompt, swapped=False):
-        entries = [[first_prompt, {"mask": left}], [prompts[1], {"mask": 1 - left}]]
+        entries = [[first_prompt, {"mask": left, **padding}], [prompts[1], {"mask": 1 - left, **padding}]]
         model_r, conditioning = apply_regional_prompts(model, entries[::-1] if swapped else entries, isolation=1.0)
         call, options = _joined_call(model_r, conditioning, inputs)
         return zoo.run_model(model_r, call, options), call
