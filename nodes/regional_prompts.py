@@ -122,8 +122,10 @@ def define_v3_node():
                         io.Conditioning.Input("conditioning", tooltip=RegionalPromptsPoP.INPUT_TYPES()["required"][
                             "conditioning"][1]["tooltip"])]
                 + [kinds[kind].Input(name, tooltip=tooltip, **options) for name, kind, options, tooltip in INPUTS],
-                outputs=[io.Model.Output("model", tooltip=OUTPUT_TOOLTIPS[0]),
-                         io.Conditioning.Output("conditioning", tooltip=OUTPUT_TOOLTIPS[1])],
+                # output ids apart from the input ids (0.3.64's schema requires it); shown as model, conditioning
+                outputs=[io.Model.Output("regional_model", display_name="model", tooltip=OUTPUT_TOOLTIPS[0]),
+                         io.Conditioning.Output("regional_conditioning", display_name="conditioning",
+                                                tooltip=OUTPUT_TOOLTIPS[1])],
                 **aliases,
             )
 

@@ -319,3 +319,32 @@ def test_in_a_comfyui_without_sampler_wrappers_both_pass_through_with_why(caplog
         assert model is sd and out is conditioning
         assert "no attention override or sampler wrappers" in _warnings(caplog)
         assert torch.isfinite(_sample(model, out)).all()
+
+
+def test_a_padding_mask_on_some_prompts_only_falls_back_naming_it(sd, caplog):
+    conditioning = _regions(_columns(2))
+    conditioning[1][1]["attention_mask"] = torch.ones(1, conditioning[1][0].shape[1])
+    model, out = apply_regional_prompts(sd, conditioning)
+    assert model is sd and out is conditioning and "'attention_mask'" in _warnings(caplog)
+    for text, options in conditioning:
+        options["attention_mask"] = torch.ones(1, text.shape[1])
+    _, out = apply_regional_prompts(sd, conditioning)
+    assert out[0][1]["attention_mask"].shape == out[0][0].shape[:2]  # joined like the text
+
+
+def test_the_node_registers_in_this_comfyui_with_its_fixed_names(comfy):
+    """The names workflows and tests drive: class RegionalPromptsPoP, inputs model, conditioning, isolation,
+    base_weight, isolate_every, outputs model and conditioning; the V3 schema validates where ComfyUI has one (0.3.64
+    refuses output ids equal to input ids)."""
+    from efficient_attention_pop import nodes
+
+    node = nodes.NODE_CLASS_MAPPINGS["RegionalPromptsPoP"]
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["RegionalPromptsPoP"] == "Regional Prompts (PoP)"
+    if hasattr(node, "GET_NODE_INFO_V1"):
+        node.GET_SCHEMA()
+        info = node.GET_NODE_INFO_V1()
+        inputs, outputs = list(info["input"]["required"]), info["output_name"]
+    else:
+        inputs, outputs = list(node.INPUT_TYPES()["required"]), list(node.RETURN_NAMES)
+    assert inputs == ["model", "conditioning", "isolation", "base_weight", "isolate_every"]
+    assert list(outputs) == ["model", "conditioning"]
