@@ -110,7 +110,7 @@ def quality(args) -> int:
                   file=sys.stderr)
             return 2
     rows, notes = run(model, sizes, setup, args.backends, args.max_errors or (), refreshes=args.refreshes or (),
-                      reuses=args.reuses or ("residual",), options=options)
+                      reuses=args.reuses or ("residual",), options=options, save=args.save)
     print(format_table(rows))
     for note in notes:
         print(note if note.startswith("warning:") else f"note: {note}")
@@ -241,6 +241,9 @@ def main(argv=None) -> int:
     quality_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                                 help="torch device for the model, e.g. cpu, cuda (default: cuda where torch sees one, "
                                      "else cpu)")
+    quality_parser.add_argument("--save", metavar="DIR",
+                                help="also write one picture per size to DIR: the exact images and each setting's "
+                                     "in rows, each labelled with its PSNR and speedups")
     quality_parser.add_argument("--json", metavar="FILE",
                                 help="also write the rows to FILE, one JSON object per row")
     quality_parser.add_argument("--comfyui-model", metavar="FILE",

@@ -21,6 +21,7 @@ errors; it is not FID on SDXL. ``quality --comfyui-model`` measures a user's own
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -385,9 +386,10 @@ def serves_proxy(model, variant: Variant, size: int) -> List[str]:
 def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Sequence[str]] = None,
         max_errors: Sequence[float] = (), progress=sys.stderr, refreshes: Sequence[int] = (),
         reuses: Sequence[str] = ("residual",), options: Optional[Sequence[Dict[str, object]]] = None,
-        ) -> Tuple[List[QualityRow], List[str]]:
+        save: Optional[str] = None) -> Tuple[List[QualityRow], List[str]]:
     """The quality table: one row per size and variant (``options``: only these option sets); and notes on what
-    was left out. Rows with the refresh mode (``refreshes``) are timed over whole sampling runs."""
+    was left out. Rows with the refresh mode (``refreshes``) are timed over whole sampling runs. ``save``: a folder
+    that gets one picture per size (save_picture)."""
     measured_all, notes = variants(backends, max_errors, refreshes, reuses)
     if options is not None:
         wanted = [tuple(sorted(chosen.items())) for chosen in options]
@@ -419,6 +421,7 @@ def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Seq
             run_timings, run_images, kept = time_runs(model, setup, size, whole, report)
             measured_speedups.update((variant.label, speedups(run_timings, variant.label)) for variant in whole)
         tokens = model.config.cond_tokens + (size // model.config.patch) ** 2
+        pictured = [("exact", exact_images)]
         for variant in measured:
             if variant.label in run_images:
                 images = run_images[variant.label]
@@ -441,8 +444,33 @@ def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Seq
                 (attention_speedup.low, attention_speedup.high), (denoiser_speedup.low, denoiser_speedup.high),
                 attention_speedup.rounds, float(psnr_db(images, exact_images).mean()), float(ssim(images, exact_images).mean()),
                 mean_cosine, mean_rel_l2, **whole_run))
+            row = rows[-1]
+            pictured.append((f"{variant.label}: {row.psnr_db:.1f} dB, attention {row.attention_speedup:.2f}x, "
+                             f"denoiser {row.denoiser_speedup:.2f}x", images))
+        if save:
+            notes.append(f"picture: {save_picture(pictured, os.path.join(save, f'quality_{size}px.png'))}")
     _progress(progress, None, started)
     return rows, notes
+
+
+def save_picture(rows: Sequence[Tuple[str, torch.Tensor]], path: str) -> str:
+    """A PNG: one row of images per (label, (B, 3, H, W) images in [0, 1]), the label above it; returns the path."""
+    from PIL import Image, ImageDraw
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    batch, _, height, width = rows[0][1].shape
+    zoom = max(1, 128 // height)
+    label_height, row_height = 14, height * zoom + 14
+    picture = Image.new("RGB", (max(batch * width * zoom, 560), len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(picture)
+    for index, (label, images) in enumerate(rows):
+        top = index * row_height
+        draw.text((2, top + 1), label, fill="black")
+        strip = (images.clamp(0, 1).permute(2, 0, 3, 1).reshape(height, batch * width, 3) * 255).round().byte().numpy()
+        tile = Image.fromarray(strip).resize((batch * width * zoom, height * zoom), Image.NEAREST)
+        picture.paste(tile, (0, top + label_height))
+    picture.save(path)
+    return path
 
 
 def _progress(stream, line: Optional[str], started: float) -> None:

@@ -64,10 +64,25 @@ def band_violations(row) -> list:
 
 
 @pytest.fixture(scope="module")
-def quick_rows(tmp_path_factory):
-    path = tmp_path_factory.mktemp("quality") / "quick.json"
-    assert main(["quality", "--quick", "--json", str(path)]) == 0
-    return json.loads(path.read_text())
+def quick_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quality")
+    assert main(["quality", "--quick", "--json", str(folder / "quick.json"), "--save", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quick_rows(quick_run):
+    return json.loads((quick_run / "quick.json").read_text())
+
+
+def test_save_draws_the_exact_images_and_every_setting_per_size(quick_run, quick_rows):
+    from PIL import Image
+
+    for size in sorted({row["image_size"] for row in quick_rows}):
+        picture = Image.open(quick_run / f"quality_{size}px.png")
+        settings = [row for row in quick_rows if row["image_size"] == size]
+        row_height = size * max(1, 128 // size) + 14  # the images, zoomed to 128 px or more, and a label above
+        assert picture.height == (len(settings) + 1) * row_height
 
 
 def test_quick_rows_have_every_key(quick_rows):
