@@ -219,17 +219,17 @@ def model_family(diffusion_model) -> ModelFamily:
         limit = getattr(diffusion_model, "txt_max_length", None)
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:  # PixelDiT: text cut to this
             family = replace(family, text_limit=limit)
-    if family.text_positions_restart:  # one pass only where the forward has the post_input patch point
-        post_input = "post_input" in _code_constants(base)
-        family = replace(family, text_positions_restart=post_input, regional=None if post_input else
-                         f"{family.regional} (this ComfyUI has no post_input patch point to restart them)")
     registers = getattr(diffusion_model, "register_tokens", None)
     if isinstance(registers, torch.Tensor) and registers.ndim == 3:  # AuraFlow: [registers, text, image]
         family = replace(family, leading_tokens=registers.shape[1])
     if family.is_unet and getattr(diffusion_model, "use_temporal_resblocks", False):
         family = replace(family, regional="it is conditioned on an image, not on text prompts")  # SVD
     if base.__name__ == "Flux" and getattr(getattr(diffusion_model, "params", None), "txt_ids_dims", None):
-        family = replace(family, regional=f"{_TEXT_ROPE}, and ComfyUI left-pads a prompt to 512 tokens")  # Flux 2
+        family = replace(family, regional=_TEXT_ROPE, text_positions_restart=True)  # Flux 2: positions along the text
+    if family.text_positions_restart:  # one pass only where the forward has the post_input patch point
+        post_input = "post_input" in _code_constants(base)
+        family = replace(family, text_positions_restart=post_input, regional=None if post_input else
+                         f"{family.regional} (this ComfyUI has no post_input patch point to restart them)")
     if base.__name__ == "HunyuanVideo" and "img_slice" in _code_constants(base):
         # the HunyuanVideo that sets img_slice (ComfyUI 0.14 and later) builds [text, reference latent, image]
         family = replace(family, others_first=True, references_before_image=True, reference_keyword="ref_latent",

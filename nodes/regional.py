@@ -73,9 +73,10 @@ class Joined:
     notes: List[str] = field(default_factory=list)
 
 
-def join_conditioning(conditioning, rules: RegionRules) -> Joined:
-    """Entries with a mask become regions, the others the base prompt; see the module docstring."""
-    entries = [(text, dict(options)) for text, options in conditioning]
+def join_conditioning(conditioning, rules: RegionRules, pad_left_to: Optional[int] = None) -> Joined:
+    """Entries with a mask become regions, the others the base prompt; see the module docstring. ``pad_left_to``:
+    each prompt is first left-padded with zeros to this many tokens, as the model pads a prompt alone (Flux 2)."""
+    entries = [(_pad_left(text, pad_left_to), dict(options)) for text, options in conditioning]
     if any("area" in options for _, options in entries):
         return Joined(conditioning, "Conditioning (Set Area) entries are served by ComfyUI's own per-area passes "
                                     "(convert the area to a mask to use one pass)")
@@ -111,6 +112,33 @@ def join_conditioning(conditioning, rules: RegionRules) -> Joined:
             kept[name] = torch.cat([options[name] for _, options in ordered], dim=1)
     text = torch.cat([text for text, _ in ordered], dim=1)
     return Joined([[text, kept]], None, notes)
+
+
+def _pad_left(text: torch.Tensor, length: Optional[int]) -> torch.Tensor:
+    if not length or text.shape[1] >= length:
+        return text
+    return F.pad(text, (0, 0, length - text.shape[1], 0))
+
+
+def text_padding(model) -> Optional[int]:
+    """The length the model left-pads a prompt to before its diffusion model sees it (Flux 2: 512), read by giving
+    its ``extra_conds`` a one-token prompt; None where it pads nothing or cannot be asked."""
+    base = model.model
+    unet = getattr(base, "model_config", None)
+    width = (getattr(unet, "unet_config", {}) or {}).get("context_in_dim")
+    channels = getattr(getattr(base, "latent_format", None), "latent_channels", None)
+    if not isinstance(width, int) or not isinstance(channels, int):
+        return None
+    marker = torch.ones(1, 1, width)
+    try:
+        out = base.extra_conds(cross_attn=marker, device=torch.device("cpu"), noise=torch.zeros(1, channels, 8, 8))
+    except Exception:  # noqa: BLE001 - a model whose extra_conds wants more: no padding known, none applied
+        return None
+    text = getattr(out.get("c_crossattn"), "cond", None)
+    if not isinstance(text, torch.Tensor) or text.ndim != 3 or text.shape[1] <= 1:
+        return None
+    padded_left = bool(text[0, -1].eq(1).all()) and not bool(text[0, :-1].any())
+    return text.shape[1] if padded_left else None
 
 
 def _mismatch(entries) -> Optional[str]:
@@ -235,7 +263,8 @@ def restart_text_positions(args: dict) -> dict:
     if regional is None or not isinstance(ids, torch.Tensor) or ids.ndim != 3 or ids.shape[0] != len(regional.rows):
         return args
     places = regional.prompts.prompt.text_places(ids.shape[1]).to(ids)
-    restarted = ids[:, :1] + places[None, :, None]
+    counting = (ids[:1, -1] != ids[:1, 0]).to(ids)  # (1, axes): the axes that count along the text (Flux 2: one)
+    restarted = ids[:, :1] + places[None, :, None] * counting[:, None]
     return dict(args, txt_ids=torch.where(regional.rows.to(ids.device)[:, None, None], restarted, ids))
 
 

@@ -13,7 +13,7 @@ from .efficient_attention import CATEGORY
 from .families import model_family
 from .log import REGIONAL_NODE_NAME, logger
 from .patch import patch_model
-from .regional import RegionRules, join_conditioning, restart_text_positions
+from .regional import RegionRules, join_conditioning, restart_text_positions, text_padding
 from .settings import PatchSettings
 
 DESCRIPTION = (
@@ -62,7 +62,8 @@ def apply_regional_prompts(model, conditioning, isolation=DEFAULTS.isolation, ba
     """The node's function: (model, conditioning), patched and joined, or both unchanged (see the module)."""
     rules = RegionRules(isolation, base_weight, isolate_every)  # a choice out of range stops here, with why
     problem = one_pass_problem(model)
-    joined = join_conditioning(conditioning, rules)
+    family = model_family(model.model.diffusion_model)
+    joined = join_conditioning(conditioning, rules, text_padding(model) if family.text_positions_restart else None)
     problem = problem or joined.fallback
     if problem:
         logger.warning("%s: one pass cannot serve this: %s. The model and the conditioning pass through unchanged, "
@@ -72,7 +73,7 @@ def apply_regional_prompts(model, conditioning, isolation=DEFAULTS.isolation, ba
     for note in joined.notes:
         logger.warning("%s: %s", REGIONAL_NODE_NAME, note)
     patched = patch_model(model, PatchSettings(regions_only=True))
-    if model_family(model.model.diffusion_model).text_positions_restart:
+    if family.text_positions_restart:
         patched.set_model_patch(restart_text_positions, "post_input")
     return patched, joined.conditioning
 

@@ -152,7 +152,8 @@ def test_at_isolation_1_a_region_never_depends_on_another_regions_prompt(comfy, 
         call, options = _joined_call(model_r, conditioning, inputs)
         return zoo.run_model(model_r, call, options), call
 
-    (base, call), (changed, _), (swapped, _) = output(prompts[0]), output(prompts[2]), output(prompts[0], True)
+    (base, call), (changed, changed_call), (swapped, _) = (output(prompts[0]), output(prompts[2]),
+                                                          output(prompts[0], True))
     reference = zoo.run_model(model, call)
     right = (slice(None),) * (x.ndim - 2) + (slice(split, None),)
     left_cols = (slice(None),) * (x.ndim - 2) + (slice(0, split),)
@@ -161,8 +162,7 @@ def test_at_isolation_1_a_region_never_depends_on_another_regions_prompt(comfy, 
     moved = (swapped[0][right] - base[0][right]).norm() / base[0][right].norm()  # its prompt placed first, not last
     assert moved < 1e-5, f"{case.name}: the right region changed by {moved:.2e} with its prompt's place in the text"
     left_change = (changed[0][left_cols] - base[0][left_cols]).norm() / base[0][left_cols].norm()
-    plain = [zoo.run_model(model, dict(call, conds=dict(call["conds"], c_crossattn=torch.cat(
-        [torch.cat([p, prompts[1]], 1), call["conds"]["c_crossattn"][1:]])))) for p in (prompts[0], prompts[2])]
+    plain = [zoo.run_model(model, c) for c in (call, changed_call)]  # the joined texts, unpatched
     responds = (plain[1][0] - plain[0][0]).norm() / plain[0][0].norm() > 1e-4  # (0.3.64's tiny Chroma Radiance: not)
     assert left_change > 1e-3 or not responds, f"{case.name}: the left region changed by only {left_change:.2e} with its prompt"
     torch.testing.assert_close(base[1], reference[1], rtol=1e-4, atol=1e-4)  # the uncond row: the unpatched model's
@@ -348,3 +348,21 @@ def test_the_node_registers_in_this_comfyui_with_its_fixed_names(comfy):
         inputs, outputs = list(node.INPUT_TYPES()["required"]), list(node.RETURN_NAMES)
     assert inputs == ["model", "conditioning", "isolation", "base_weight", "isolate_every"]
     assert list(outputs) == ["model", "conditioning"]
+
+
+def test_flux2_prompts_get_the_padding_they_have_alone(comfy):
+    """Flux 2 left-pads a prompt to 512 tokens (model_base.Flux2.extra_conds) and runs rotary positions along the
+    text: each prompt is padded as alone, and a whole-image region gives the plain prompt's output."""
+    cases = [case for case in zoo.CASES if case.name.startswith("Flux 2")]
+    if not cases:  # 0.3.64 has no Flux 2
+        assert not hasattr(comfy.supported_models, "Flux2")
+        return
+    model, inputs = cases[0].build(), cases[0].inputs()
+    text = inputs["conds"]["c_crossattn"][:1]
+    model_r, conditioning = apply_regional_prompts(
+        model, [[text, {"mask": torch.ones(inputs["x"].shape[-2:])}], [text * 2, {"mask": torch.ones(8, 8)}]])
+    assert conditioning[0][0].shape[1] == 2 * 512  # two prompts, each padded to 512 on the left
+    model_r, conditioning = apply_regional_prompts(model, [[text, {"mask": torch.ones(inputs["x"].shape[-2:])}]])
+    call, options = _joined_call(model_r, conditioning, inputs)
+    torch.testing.assert_close(zoo.run_model(model_r, call, options)[0], zoo.run_model(model, call)[0],
+                               rtol=1e-5, atol=1e-5)
