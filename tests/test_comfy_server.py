@@ -58,3 +58,44 @@ def test_invalid_input_is_answered_and_the_server_survives(server):
     assert "divisor of 320" in error["exception_message"]
     after = server.run(txt2latent_workflow(NODE, seed=2, prefix="after"))
     assert after["status"]["status_str"] == "success"
+
+
+def regional_workflow(one_pass: bool, prefix: str) -> dict:
+    """The text-to-image workflow with a base prompt and two masked prompts (left, right), wired as people wire them
+    (Conditioning (Set Mask) -> Conditioning (Combine)), through Regional Prompts (PoP) or ComfyUI's own way."""
+    workflow = txt2latent_workflow(prefix=prefix)
+    nodes = {
+        "10": ("CLIPTextEncode", {"text": "a red fox", "clip": ["2", 0]}),
+        "11": ("CLIPTextEncode", {"text": "a grey owl", "clip": ["2", 0]}),
+        "12": ("SolidMask", {"value": 0.0, "width": 64, "height": 64}),
+        "13": ("SolidMask", {"value": 1.0, "width": 32, "height": 64}),
+        "14": ("MaskComposite", {"destination": ["12", 0], "source": ["13", 0], "x": 0, "y": 0, "operation": "add"}),
+        "15": ("MaskComposite", {"destination": ["12", 0], "source": ["13", 0], "x": 32, "y": 0, "operation": "add"}),
+        "16": ("ConditioningSetMask", {"conditioning": ["10", 0], "mask": ["14", 0], "strength": 1.0,
+                                       "set_cond_area": "default"}),
+        "17": ("ConditioningSetMask", {"conditioning": ["11", 0], "mask": ["15", 0], "strength": 1.0,
+                                       "set_cond_area": "default"}),
+        "18": ("ConditioningCombine", {"conditioning_1": ["3", 0], "conditioning_2": ["16", 0]}),
+        "19": ("ConditioningCombine", {"conditioning_1": ["18", 0], "conditioning_2": ["17", 0]}),
+        "30": ("RegionalPromptsPoP", {"model": ["1", 0], "conditioning": ["19", 0], "isolation": 0.2,
+                                      "base_weight": 0.3, "isolate_every": 1}),
+    }
+    workflow.update({key: {"class_type": kind, "inputs": inputs} for key, (kind, inputs) in nodes.items()})
+    sampler = workflow["7"]["inputs"]
+    if one_pass:
+        sampler.update(model=["30", 0], positive=["30", 1])
+    else:
+        del workflow["30"]
+        sampler.update(positive=["19", 0])
+    return workflow
+
+
+def test_regional_prompts_run_in_one_pass_through_the_server(server):
+    info = server.get("/object_info/RegionalPromptsPoP")["RegionalPromptsPoP"]
+    assert info["display_name"] == "Regional Prompts (PoP)" and info["output_name"] == ["model", "conditioning"]
+    one_pass = server.saved_latent(server.run(regional_workflow(True, "regional")))
+    comfys_way = server.saved_latent(server.run(regional_workflow(False, "masked")))
+    plain = server.saved_latent(server.run(txt2latent_workflow(prefix="plain")))
+    assert one_pass.shape == comfys_way.shape == (1, 4, 8, 8) and torch.isfinite(one_pass).all()
+    assert not torch.allclose(one_pass, plain, atol=1e-3)  # the regions' prompts reached the image
+    assert "Regional Prompts (PoP): patched" in server.log_tail(400)
