@@ -132,7 +132,8 @@ def regional_speed(args) -> int:
           f"{FLUX_SHAPED['hidden_size']}, {FLUX_SHAPED['depth']} double + {FLUX_SHAPED['depth_single_blocks']} single "
           f"blocks), torch {torch.__version__}, threads={torch.get_num_threads()}")
     started = time.perf_counter()
-    rows = run(args.models, args.regions, args.steps, args.repeats, log=lambda line: print(line, file=sys.stderr))
+    rows = run(args.models, args.regions, args.steps, args.repeats, args.isolation,
+               log=lambda line: print(line, file=sys.stderr))
     print(format_rows(rows))
     print(f"speedup = ComfyUI's masked conditioning (one evaluation per prompt and step) / one pass, whole sampling "
           f"runs, median of the rounds' ratios (lowest-highest); total {time.perf_counter() - started:.1f} s")
@@ -266,6 +267,9 @@ def main(argv=None) -> int:
     regional_parser.add_argument("--regions", type=int, nargs="+", default=[2, 4, 8], help="region counts (2 4 8)")
     regional_parser.add_argument("--steps", type=int, default=2, help="euler steps per run (default 2)")
     regional_parser.add_argument("--repeats", type=int, default=2, help="timed rounds after a warm-up (default 2)")
+    regional_parser.add_argument("--isolation", type=float, default=0.2,
+                                 help="the node's isolation (default 0.2, its default; 1: every step keeps the "
+                                      "regions' image tokens apart, the most masked attention)")
     regional_parser.set_defaults(func=regional_speed, models=None)
     accuracy_parser = sub.add_parser(
         "regional-accuracy", help="does each prompt land in its region: one pass against ComfyUI's way on the "

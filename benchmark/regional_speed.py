@@ -84,7 +84,8 @@ def sample_time(comfy, model, positive, negative, name: str, steps: int) -> floa
     return time.perf_counter() - started
 
 
-def run(names: List[str], region_counts: List[int], steps: int, repeats: int, log=print) -> List[Dict]:
+def run(names: List[str], region_counts: List[int], steps: int, repeats: int, isolation: float = 0.2,
+        log=print) -> List[Dict]:
     from ..nodes.regional_prompts import apply_regional_prompts
     from .comfy_quality import import_comfy
 
@@ -94,7 +95,7 @@ def run(names: List[str], region_counts: List[int], steps: int, repeats: int, lo
         model = build(comfy, name)
         for regions in region_counts:
             positive, negative = prompts(name, regions)
-            one_pass, conditioning = apply_regional_prompts(model, positive)
+            one_pass, conditioning = apply_regional_prompts(model, positive, isolation=isolation)
             times = {"comfyui": [], "one pass": []}
             for round_index in range(repeats + 1):  # round 0 warms up
                 took = {way: sample_time(comfy, m, c, negative, name, steps)
@@ -105,7 +106,7 @@ def run(names: List[str], region_counts: List[int], steps: int, repeats: int, lo
                     if round_index:
                         times[way].append(seconds)
             ratios = [a / b for a, b in zip(times["comfyui"], times["one pass"])]
-            rows.append(dict(model=name, regions=regions, steps=steps, comfyui_s=statistics.median(times["comfyui"]),
+            rows.append(dict(model=name, regions=regions, steps=steps, isolation=isolation, comfyui_s=statistics.median(times["comfyui"]),
                              one_pass_s=statistics.median(times["one pass"]), speedup=statistics.median(ratios),
                              lowest=min(ratios), highest=max(ratios)))
     return rows
@@ -113,6 +114,7 @@ def run(names: List[str], region_counts: List[int], steps: int, repeats: int, lo
 
 def format_rows(rows: List[Dict]) -> str:
     return markdown_table(
-        ["model", "regions", "steps", "ComfyUI's masked conditioning, s", "one pass, s", "speedup (rounds)"],
-        [[r["model"], str(r["regions"]), str(r["steps"]), f"{r['comfyui_s']:.1f}", f"{r['one_pass_s']:.1f}",
+        ["model", "regions", "steps", "isolation", "ComfyUI's masked conditioning, s", "one pass, s", "speedup (rounds)"],
+        [[r["model"], str(r["regions"]), str(r["steps"]), f"{r['isolation']:g}", f"{r['comfyui_s']:.1f}",
+          f"{r['one_pass_s']:.1f}",
           f"{r['speedup']:.2f}x ({r['lowest']:.2f}-{r['highest']:.2f})"] for r in rows])
