@@ -149,12 +149,12 @@ class RegionalPrompt:
             ("image", bits) for bits in sorted(groups, key=groups.get)]
         allowed = torch.tensor([[allowed_between(q, k, isolate) for k in kinds] for q in kinds], dtype=torch.bool)
         bias = None
-        if self.segments[0] and 0.0 < self.base_weight < 1.0:  # image tokens inside regions: the base text weighted
+        inside = torch.tensor([kind == "image" and bits != 0 for kind, bits in kinds])  # image tokens in regions
+        if self.segments[0] and 0.0 < self.base_weight < 1.0:  # there the base text is weighted
             bias = torch.zeros(allowed.shape)
-            inside = torch.tensor([kind == "image" and bits != 0 for kind, bits in kinds])
             bias[inside, 0] = math.log(self.base_weight)
         elif self.base_weight == 0.0:
-            allowed[torch.tensor([kind == "image" and bits != 0 for kind, bits in kinds]), 0] = False
+            allowed[inside, 0] = False
         present_q, present_k = torch.unique(query_labels), torch.unique(key_labels)
         sub = allowed[present_q][:, present_k]
         if bool(sub.all()) and (bias is None or not bool(bias[present_q][:, present_k].any())):

@@ -59,7 +59,8 @@ class RegionalPrompts:
 
 
 # ---- the node: conditioning entries -> one entry ----
-MERGED_KEYS = {"mask", "mask_strength", "set_area_to_bounds", "strength", "pooled_output"}
+REGION_KEYS = ("mask", "mask_strength", "set_area_to_bounds", "strength")  # what makes an entry a region
+MERGED_KEYS = {*REGION_KEYS, "pooled_output"}  # may differ between entries: the joined entry keeps the base's
 TEXT_ALIGNED_KEYS = ("attention_mask",)  # (B, tokens) per entry, joined like the text (LTXV's T5 padding mask)
 
 
@@ -103,7 +104,7 @@ def join_conditioning(conditioning, rules: RegionRules, pad_left_to: Optional[in
     segments = [sum(text.shape[1] for text, _ in bases)] + [text.shape[1] for text, _ in regions]
     prompts = RegionalPrompts(RegionalPrompt(segments, masks, rules.base_weight), rules, tuple(masks.shape[-2:]))
     kept = dict((bases or regions)[0][1])  # pooled output, ControlNet and the like: the base prompt's
-    for name in ("mask", "mask_strength", "set_area_to_bounds", "strength"):
+    for name in REGION_KEYS:
         kept.pop(name, None)
     kept[REGIONS_KEY] = prompts
     ordered = bases + regions

@@ -41,8 +41,8 @@ OUTPUT_TOOLTIPS = ("The model with the regional prompts' attention (the input mo
                    "One conditioning entry holding every prompt: connect it to the sampler's positive.")
 
 
-def one_pass_problem(model) -> Optional[str]:
-    """Why one pass cannot serve this model in this ComfyUI (None: it can)."""
+def one_pass_problem(family) -> Optional[str]:
+    """Why one pass cannot serve this model family (families.model_family) in this ComfyUI (None: it can)."""
     import comfy.ldm.modules.attention as comfy_attention
 
     try:
@@ -51,7 +51,6 @@ def one_pass_problem(model) -> Optional[str]:
         WrappersMP = None
     if not hasattr(comfy_attention, "wrap_attn") or not hasattr(WrappersMP, "OUTER_SAMPLE"):
         return "this ComfyUI has no attention override or sampler wrappers (ComfyUI 0.3.60 and later have them)"
-    family = model_family(model.model.diffusion_model)
     if family.regional:
         return f"{family.name} ({family.recognised_as}): {family.regional}"
     return None
@@ -61,8 +60,8 @@ def apply_regional_prompts(model, conditioning, isolation=DEFAULTS.isolation, ba
                            isolate_every=DEFAULTS.isolate_every):
     """The node's function: (model, conditioning), patched and joined, or both unchanged (see the module)."""
     rules = RegionRules(isolation, base_weight, isolate_every)  # a choice out of range stops here, with why
-    problem = one_pass_problem(model)
     family = model_family(model.model.diffusion_model)
+    problem = one_pass_problem(family)
     joined = join_conditioning(conditioning, rules, text_padding(model) if family.text_positions_restart else None)
     problem = problem or joined.fallback
     if problem:
