@@ -96,7 +96,6 @@ class RegionalPrompt:
         self.segments = tuple(int(s) for s in segments)
         self.masks = masks.detach().float().cpu()
         self.base_weight = float(base_weight)
-        self._covers: Dict[tuple, torch.Tensor] = {}
 
     @property
     def regions(self) -> int:
@@ -106,12 +105,6 @@ class RegionalPrompt:
     def tokens(self) -> int:
         """Text tokens of all prompts together."""
         return sum(self.segments)
-
-    def cover(self, layout: TokenLayout, pooling: str) -> torch.Tensor:
-        key = (layout.frames, layout.height, layout.width, pooling)
-        if key not in self._covers:
-            self._covers[key] = region_cover(self.masks, layout, pooling)
-        return self._covers[key]
 
     def text_prompts(self, length: int) -> torch.Tensor:
         """(length,) the prompt of each text token (0 base, i region i), the concatenated text tiled to ``length``
@@ -133,7 +126,7 @@ class RegionalPrompt:
         if side.text_length:
             labels[side.text_start:side.text_start + side.text_length] = self.text_prompts(side.text_length)
         if side.image is not None:
-            bits, group = torch.unique(self.cover(side.image, pooling), return_inverse=True)
+            bits, group = torch.unique(region_cover(self.masks, side.image, pooling), return_inverse=True)
             label = torch.tensor([self.regions + 2 + groups.setdefault(b, len(groups)) for b in bits.tolist()])
             labels[side.image.before:side.image.before + side.image.image_tokens] = label[group]
         return labels

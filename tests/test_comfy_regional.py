@@ -233,10 +233,17 @@ def test_composes_with_efficient_attention_in_either_order(sd, order, apply_to):
 
 
 def test_nothing_of_a_run_is_kept(sd):
+    """After sampling, no tensor is reachable from the patch, and the joined conditioning (which ComfyUI keeps
+    between runs) holds only what the node made: the prompts' text and masks, none of a run's labels or covers."""
+    from test_comfy_refresh import tensors_held
+
     model, conditioning = apply_regional_prompts(sd, _regions(_columns(3)), isolation=0.5)
+    held_before = sorted(tensors_held(conditioning))
     _sample(model, conditioning)
     runs = _patch(model).runs
     assert not runs.prompts_by_uuid and not runs.runs
+    assert not tensors_held(_patch(model))
+    assert sorted(tensors_held(conditioning)) == held_before
 
 
 # ---- bad input: each gets its documented answer, sampling never stops ----
