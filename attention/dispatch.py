@@ -12,6 +12,7 @@ from .backends.base import AttentionCall, Backend
 from .backends.linear import LinearBackend
 from .backends.masked import MaskedBackend
 from .backends.sdpa import SDPABackend
+from .backends.tiles import TileBackend
 from .backends.todo import ToDoBackend
 from .backends.window import WindowBackend
 from .heads import merge_heads, qk_layernorm, split_heads
@@ -36,6 +37,7 @@ register_backend(LinearBackend())
 register_backend(ToDoBackend())
 register_backend(AgentBackend())
 register_backend(WindowBackend())
+register_backend(TileBackend())
 
 
 def _register_kernels() -> None:

@@ -186,6 +186,71 @@ def naive_window_attention(q, k, v, layout, window: int, downsample: int, halo: 
     return out.to(q.dtype)
 
 
+def naive_tile_attention(q, k, v, layout, tile_frames: int, tile: int, reach: int, frame_reach: int, radial: bool,
+                         downsample: int, key_bias: Optional[torch.Tensor] = None,
+                         scale: Optional[float] = None) -> torch.Tensor:
+    """Tile-aligned 3-D windows written out query by query: q, k (B, H, N, D), v (B, H, N, Dv) on one layout.
+
+    The grid is cut into tiles of min(tile_frames, F) x min(tile, h) x min(tile, w) tokens. An image query in tile
+    (a, b, c) attends to every grid token whose tile (a', b', c') has a' among the 2 frame_reach + 1 frame tiles
+    around a and b', c' among the 2 r + 1 tiles around b, c (r = reach, or with ``radial`` max(0, reach - |a' - a|)),
+    each run of tiles slid inwards to fit the grid; to every downsample x downsample window of each frame whose
+    tile is not one of those, pooled as naive_todo_attention pools it (none when downsample is 0); and to the
+    tokens outside the grid. Queries outside the grid attend to every key. float64.
+    """
+    batch = q.shape[0]
+    bias = _key_bias(key_bias, batch, k.shape[2])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qd, kd, vd = q.double(), k.double(), v.double()
+    exact = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", qd, kd) * scale + bias[:, None, None], dim=-1)
+    out = torch.einsum("bhnm,bhme->bhne", exact.nan_to_num(0.0), vd)
+    others = list(range(layout.before)) + list(range(layout.before + layout.image_tokens, k.shape[2]))
+    sides = (min(tile_frames, layout.frames), min(tile, layout.height), min(tile, layout.width))
+    counts = [-(-size // side) for size, side in zip((layout.frames, layout.height, layout.width), sides)]
+
+    def run_of(index, radius, count):  # the tiles along one axis around index, slid inwards
+        width = min(2 * radius + 1, count)
+        start = min(max(index - radius, 0), count - width)
+        return set(range(start, start + width))
+
+    def tile_of(frame, row, column):
+        return frame // sides[0], row // sides[1], column // sides[2]
+
+    for b in range(batch):
+        pooled = []  # (tile, key, value, bias)
+        for frame in range(layout.frames):
+            for row in range(0, layout.height, downsample or layout.height):
+                for column in range(0, layout.width, downsample or layout.width):
+                    if not downsample:
+                        continue
+                    cells = [_grid_index(layout, frame, r, c) for r in range(row, min(row + downsample, layout.height))
+                             for c in range(column, min(column + downsample, layout.width))]
+                    weights = torch.exp(bias[b, cells])
+                    total = weights.sum()
+                    safe = total if total > 0 else torch.tensor(1.0, dtype=torch.float64)
+                    pooled.append((tile_of(frame, row, column), (weights[None, :, None] * kd[b][:, cells]).sum(1) / safe,
+                                   (weights[None, :, None] * vd[b][:, cells]).sum(1) / safe, torch.log(total)))
+        for frame in range(layout.frames):
+            for row in range(layout.height):
+                for column in range(layout.width):
+                    a, tb, tc = tile_of(frame, row, column)
+                    near = set()
+                    for a_key in run_of(a, frame_reach, counts[0]):
+                        radius = max(0, reach - abs(a_key - a)) if radial else reach
+                        near |= {(a_key, b_key, c_key) for b_key in run_of(tb, radius, counts[1])
+                                 for c_key in run_of(tc, radius, counts[2])}
+                    local = [_grid_index(layout, f, r, c) for f in range(layout.frames) for r in range(layout.height)
+                             for c in range(layout.width) if tile_of(f, r, c) in near]
+                    far = [entry for entry in pooled if entry[0] not in near]
+                    keys = torch.cat([kd[b][:, others + local]] + [e[1][:, None] for e in far], 1)
+                    values = torch.cat([vd[b][:, others + local]] + [e[2][:, None] for e in far], 1)
+                    logits_bias = torch.cat([bias[b, others + local]] + [e[3][None] for e in far])
+                    query = _grid_index(layout, frame, row, column)
+                    scores = torch.einsum("hd,hmd->hm", qd[b, :, query], keys) * scale + logits_bias
+                    out[b, :, query] = torch.einsum("hm,hme->he", torch.softmax(scores, -1).nan_to_num(0.0), values)
+    return out.to(q.dtype)
+
+
 def naive_regional_mask(segments, masks: torch.Tensor, queries, keys, isolate: bool, base_weight: float,
                         pooling: str = "area") -> torch.Tensor:
     """The (N, M) additive mask (0, log(base_weight), -inf) of regional prompts (regional.RegionalPrompt), token

@@ -1,12 +1,12 @@
 """ProxyDiT: a small Flux-like diffusion transformer on pixels, a proxy with learned attention.
 
-Layout of one forward pass at an H x W image (H, W multiples of 2):
-- 2x2 patches -> (H/2)*(W/2) image tokens; the class label -> ``cond_tokens`` learned tokens ("text")
-  placed before them, as Flux puts its text tokens before the image.
+Layout of one forward pass at an H x W image (H, W multiples of 2), or an F x H x W video:
+- 2x2 patches -> F*(H/2)*(W/2) image tokens, frame by frame (temporal patch 1); the class label ->
+  ``cond_tokens`` learned tokens ("text") placed before them, as Flux puts its text tokens before the image.
 - ``depth`` single-stream blocks (Flux's single blocks): adaLN modulation from timestep + class, one
   linear to q, k, v and the MLP input, joint attention over [cond tokens, image tokens] with per-head
-  RMS-norm on q and k and 2-D rotary positions (row, column) on image tokens (cond tokens sit at (0, 0),
-  i.e. unrotated), then attention and MLP outputs merged by one linear and gated into the residual.
+  RMS-norm on q and k and rotary positions on image tokens: 2-D (row, column), and for a video model
+  (``time_pairs`` > 0) 3-D, some pairs turning with the frame's time (cond tokens sit at 0, unrotated), then attention and MLP outputs merged by one linear and gated into the residual.
 - a modulated final norm and linear back to 2x2 patches: the rectified-flow velocity (noise - image).
 
 Every attention call goes through ``attention_fn(q, k, v, layout, layer_index)`` when one is given,
@@ -45,6 +45,8 @@ class ProxyConfig:
     patch: int = 2
     channels: int = 3
     rope_theta: float = 10000.0
+    time_pairs: int = 0  # rotary pairs per head that turn with the frame's time (0: an image model)
+    time_theta: float = 100.0
 
     @property
     def head_dim(self) -> int:
@@ -58,19 +60,31 @@ def timestep_features(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def rope_tables(layout: TokenLayout, head_dim: int, theta: float,
-                device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(layout: TokenLayout, config: ProxyConfig, device: torch.device,
+                frame_times: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of the rotation angles, each (N_total, head_dim / 2): one angle per pair of channels.
 
-    The first half of the pairs turns with the token's row, the second half with its column; the
-    ``layout.before`` cond tokens get angle 0 (position (0, 0), no rotation).
+    The first half of the pairs turns with the token's row, the second half with its column, at frequencies
+    rope_theta^(-i / (head_dim / 4)). A video model (``time_pairs`` > 0) gives the last time_pairs / 2 pairs of
+    each half, the slowest (nearly still across an image), to the frame's time instead, at frequencies
+    time_theta^(-j / time_pairs): an image model's weights start it as a model of still frames.
+    ``frame_times`` (F,): each frame's time (default 0, 1, ...). The ``layout.before`` cond tokens get angle 0.
     """
-    pairs_per_axis = head_dim // 4
-    freqs = theta ** (-torch.arange(pairs_per_axis, device=device, dtype=torch.float32) / pairs_per_axis)
+    pairs_per_axis = config.head_dim // 4
+    spatial = pairs_per_axis - config.time_pairs // 2
+    freqs = config.rope_theta ** (-torch.arange(spatial, device=device, dtype=torch.float32) / pairs_per_axis)
+    time_freqs = config.time_theta ** (-torch.arange(config.time_pairs, device=device, dtype=torch.float32)
+                                       / max(1, config.time_pairs))
+    if frame_times is None:
+        frame_times = torch.arange(layout.frames, dtype=torch.float32)
+    per_frame = layout.height * layout.width
+    times = frame_times.to(device=device, dtype=torch.float32).repeat_interleave(per_frame)[:, None] * time_freqs
     rows = torch.arange(layout.height, device=device, dtype=torch.float32).repeat_interleave(layout.width)
     cols = torch.arange(layout.width, device=device, dtype=torch.float32).repeat(layout.height)
-    image_angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)
-    angles = torch.cat([image_angles.new_zeros(layout.before, head_dim // 2), image_angles])
+    rows, cols = (axis.repeat(layout.frames)[:, None] * freqs for axis in (rows, cols))
+    half = config.time_pairs // 2
+    image_angles = torch.cat([rows, times[:, :half], cols, times[:, half:]], dim=1)
+    angles = torch.cat([image_angles.new_zeros(layout.before, config.head_dim // 2), image_angles])
     return torch.cos(angles), torch.sin(angles)
 
 
@@ -131,6 +145,8 @@ class ProxyDiT(nn.Module):
         super().__init__()
         if config.head_dim * config.heads != config.hidden or config.head_dim % 4:
             raise ValueError("hidden must be heads * head_dim with head_dim a multiple of 4 (2-D rotary pairs)")
+        if config.time_pairs % 2 or config.time_pairs // 2 > config.head_dim // 4:
+            raise ValueError("time_pairs must be even and at most head_dim / 2")
         self.config = config
         hidden, patch_values = config.hidden, config.channels * config.patch ** 2
         self.patch_embed = nn.Linear(patch_values, hidden)
@@ -157,36 +173,41 @@ class ProxyDiT(nn.Module):
             nn.init.zeros_(layer.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                attention_fn: Optional[AttentionFn] = None, cond_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, C, H, W) noisy image, t (B,) in [0, 1] (1 = pure noise), labels (B,) int in
-        [0, num_classes] (num_classes = no class) -> velocity (B, C, H, W). ``cond_tokens`` (B, n, hidden): other
-        cond tokens than the labels' (several classes' tokens side by side, for regional prompts); the labels
-        still modulate.
+                attention_fn: Optional[AttentionFn] = None, cond_tokens: Optional[torch.Tensor] = None,
+                frame_times: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, C, H, W) noisy image or (B, C, F, H, W) noisy video, t (B,) in [0, 1] (1 = pure noise), labels
+        (B,) int in [0, num_classes] (num_classes = no class) -> velocity, x's shape. ``cond_tokens`` (B, n,
+        hidden): other cond tokens than the labels' (several classes' tokens side by side, for regional prompts);
+        the labels still modulate. ``frame_times`` (F,): the frames' times for the rotary positions (default 0..F-1).
 
         attention_fn(q, k, v, layout, layer_index): q, k, v (B, heads, N_total, head_dim) after QK-norm
-        and rotary, N_total = cond_tokens + (H/2)*(W/2), layout = TokenLayout(1, H/2, W/2,
+        and rotary, N_total = cond_tokens + F*(H/2)*(W/2), layout = TokenLayout(F, H/2, W/2,
         before=cond_tokens); returns (B, heads, N_total, head_dim). None: torch SDPA.
         """
         c, p = self.config, self.config.patch
-        batch, channels, height, width = x.shape
+        video = x.ndim == 5
+        if not video:
+            x = x[:, :, None]
+        batch, channels, frames, height, width = x.shape
         if height % p or width % p:
             raise ValueError(f"image height and width must be multiples of {p}, got {height}x{width}")
         grid_h, grid_w = height // p, width // p
-        patches = x.view(batch, channels, grid_h, p, grid_w, p).permute(0, 2, 4, 1, 3, 5)
-        image_tokens = self.patch_embed(patches.reshape(batch, grid_h * grid_w, channels * p * p))
+        patches = x.reshape(batch, channels, frames, grid_h, p, grid_w, p).permute(0, 2, 3, 5, 1, 4, 6)
+        image_tokens = self.patch_embed(patches.reshape(batch, frames * grid_h * grid_w, channels * p * p))
         if cond_tokens is None:
             cond_tokens = self.cond_token_embed(labels).view(batch, c.cond_tokens, c.hidden)
         tokens = torch.cat([cond_tokens, image_tokens], dim=1)
         cond = F.silu(self.time_embed(timestep_features(t).to(x.dtype)) + self.class_embed(labels))
-        layout = TokenLayout(frames=1, height=grid_h, width=grid_w, before=cond_tokens.shape[1], after=0)
-        cos, sin = rope_tables(layout, c.head_dim, c.rope_theta, x.device)
+        layout = TokenLayout(frames=frames, height=grid_h, width=grid_w, before=cond_tokens.shape[1], after=0)
+        cos, sin = rope_tables(layout, c, x.device, frame_times)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer_index, block in enumerate(self.blocks):
             tokens = block(tokens, cond, cos, sin, layout, attention_fn, layer_index)
         shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)
         out = self.to_patches(self.final_norm(tokens[:, layout.before:]) * (1 + scale) + shift)
-        out = out.view(batch, grid_h, grid_w, channels, p, p).permute(0, 3, 1, 4, 2, 5)
-        return out.reshape(batch, channels, height, width)
+        out = out.view(batch, frames, grid_h, grid_w, channels, p, p).permute(0, 4, 1, 2, 5, 3, 6)
+        out = out.reshape(batch, channels, frames, height, width)
+        return out if video else out[:, :, 0]
 
 
 def load_proxy_model(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -10,8 +10,10 @@ from .model import AttentionFn, ProxyDiT
 
 @torch.no_grad()
 def sample_images(model: ProxyDiT, classes: Sequence[int], size: int = 32, steps: int = 12, seed: int = 0,
-                  attention_fn: Optional[AttentionFn] = None, guidance: float = 2.0) -> torch.Tensor:
-    """One image per entry of ``classes`` -> (len(classes), 3, size, size) in [-1, 1], on the model's device.
+                  attention_fn: Optional[AttentionFn] = None, guidance: float = 2.0,
+                  frames: Optional[int] = None) -> torch.Tensor:
+    """One image per entry of ``classes`` -> (len(classes), 3, size, size) in [-1, 1], on the model's device; with
+    ``frames`` one video each -> (len(classes), 3, frames, size, size) (a video proxy, frame times 0, 1, ...).
 
     The starting noise comes from a CPU torch.Generator seeded with ``seed`` (same seed, same noise on any
     device). ``steps`` Euler steps on a uniform time grid; guidance > 1 runs classifier-free guidance
@@ -20,7 +22,8 @@ def sample_images(model: ProxyDiT, classes: Sequence[int], size: int = 32, steps
     """
     parameter = next(model.parameters())
     labels = torch.as_tensor(list(classes), dtype=torch.long, device=parameter.device)
-    noise = torch.randn(len(labels), model.config.channels, size, size, generator=torch.Generator().manual_seed(seed))
+    shape = (len(labels), model.config.channels) + ((frames,) if frames else ()) + (size, size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     x = noise.to(device=parameter.device, dtype=parameter.dtype)
     times = torch.linspace(1.0, 0.0, steps + 1, device=parameter.device)
     guided = guidance != 1.0
