@@ -72,7 +72,8 @@ def bench(args) -> int:
 def quality(args) -> int:
     import json
 
-    from .benchmark.quality import DEFAULT_SIZES, QUICK, QUICK_SIZES, QualitySetup, format_table, rows_as_json, run
+    from .benchmark.quality import (DEFAULT_SIZES, QUICK, QUICK_SIZES, VIDEO, VIDEO_SIZES, QualitySetup, format_table,
+                                    rows_as_json, run)
 
     if args.comfyui_model:
         from .benchmark.comfy_quality import run_on_comfyui_model
@@ -88,22 +89,27 @@ def quality(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    from .benchmark.proxy import load_proxy_model
+    from .benchmark.proxy import VIDEO_WEIGHTS, load_proxy_model
 
-    setup = QUICK if args.quick else QualitySetup()
-    setup = QualitySetup(setup.classes, args.steps or setup.steps, setup.seed, setup.guidance,
-                         setup.repeats if args.repeats is None else args.repeats)
-    sizes = args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)
-    model = load_proxy_model(args.device)
-    print(f"efficient_attention_pop quality: proxy DiT ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters, trained at 32 px), {len(setup.classes)} images, {setup.steps} steps, guidance "
-          f"{setup.guidance}, sizes {list(sizes)} px, device={args.device}, torch {torch.__version__}, "
-          f"threads={torch.get_num_threads()}")
+    if args.frames is not None and not args.video:
+        print("error: --frames needs --video", file=sys.stderr)
+        return 2
+    setup = VIDEO if args.video else QUICK if args.quick else QualitySetup()
+    classes = setup.classes[:1] if args.video and args.quick else setup.classes
+    setup = QualitySetup(classes, args.steps or setup.steps, setup.seed, setup.guidance,
+                         setup.repeats if args.repeats is None else args.repeats, args.frames or setup.frames)
+    sizes = args.sizes or (VIDEO_SIZES if args.video else QUICK_SIZES if args.quick else DEFAULT_SIZES)
+    model = load_proxy_model(args.device, weights=VIDEO_WEIGHTS) if args.video else load_proxy_model(args.device)
+    what = (f"video proxy DiT, trained on 4-8 frames of 32 px), {len(setup.classes)} videos of {setup.frames} frames"
+            if args.video else f"proxy DiT, trained at 32 px), {len(setup.classes)} images")
+    print(f"efficient_attention_pop quality: {what} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          f"parameters), {setup.steps} steps, guidance {setup.guidance}, sizes {list(sizes)} px, device={args.device}, "
+          f"torch {torch.__version__}, threads={torch.get_num_threads()}")
     started = time.perf_counter()
     options = None
     if args.options:
         try:
-            options = [{name: int(value) for name, value in (item.split("=") for item in chosen.split(","))}
+            options = [{name: _option_value(value) for name, value in (item.split("=") for item in chosen.split(","))}
                        for chosen in args.options]
         except ValueError:
             print(f"error: --options takes name=value[,name=value] with integer values; got {args.options}",
@@ -122,6 +128,12 @@ def quality(args) -> int:
         with open(args.json, "w") as f:
             json.dump(rows_as_json(rows), f, indent=1)
     return 0
+
+
+def _option_value(text: str):
+    """An --options value: true/false as booleans, else an integer (ValueError otherwise)."""
+    lowered = text.lower()
+    return lowered == "true" if lowered in ("true", "false") else int(text)
 
 
 def regional_speed(args) -> int:
@@ -218,7 +230,13 @@ def main(argv=None) -> int:
                                      "cores, up to 10 minutes when other jobs share them")
     quality_parser.add_argument("--size", dest="sizes", type=int, action="append", metavar="PX",
                                 help="image size in pixels (repeatable); default 32, 64 and 128 (1x, 4x, 16x the "
-                                     "training token count); with --comfyui-model default 512")
+                                     "training token count); with --video each frame's, default 64; with "
+                                     "--comfyui-model default 512")
+    quality_parser.add_argument("--video", action="store_true",
+                                help="the video proxy instead: 2 videos (1 with --quick) of --frames frames, 8 steps, "
+                                     "3 timing rounds; adds each setting's motion and temporal error against exact")
+    quality_parser.add_argument("--frames", type=int, default=None, metavar="N",
+                                help="with --video: frames per video (default 16: 16 x 64 px is 16,384 tokens)")
     quality_parser.add_argument("--backend", dest="backends", action="append", metavar="NAME",
                                 help="measure only this backend (repeatable; `info` lists them); default every "
                                      "backend")
@@ -237,8 +255,9 @@ def main(argv=None) -> int:
                                 help="with --refresh: what is reused between refreshes (default residual; output: "
                                      "the exact output itself, measured only, not offered by the node)")
     quality_parser.add_argument("--options", action="append", metavar="NAME=VALUE[,NAME=VALUE]",
-                                help="measure only these option sets of the approximate backends, e.g. "
-                                     "window=16,downsample=4 (repeatable)")
+                                help="measure only these option sets of the approximate backends that take them, "
+                                     "the rest at their defaults, e.g. window=16,downsample=4 or "
+                                     "tile=8,tile_frames=2,radial=true (repeatable)")
     quality_parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                                 help="torch device for the model, e.g. cpu, cuda (default: cuda where torch sees one, "
                                      "else cpu)")

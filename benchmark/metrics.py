@@ -1,6 +1,6 @@
 """Image and tensor error measures of the quality benchmark.
 
-Images are (B, C, H, W) in [0, 1]. SSIM is Wang et al. 2004 with an 11 x 11 Gaussian window of sigma 1.5,
+Images are (B, C, H, W) in [0, 1], videos (B, C, F, H, W). SSIM is Wang et al. 2004 with an 11 x 11 Gaussian window of sigma 1.5,
 K1 = 0.01, K2 = 0.03, per channel, averaged over the pixels whose window lies inside the image.
 """
 from __future__ import annotations
@@ -58,3 +58,28 @@ def relative_l2(a: torch.Tensor, reference: torch.Tensor) -> float:
     difference = (a.double() - reference.double()).norm()
     scale = reference.double().norm()
     return 0.0 if difference == 0 else float(difference / scale) if scale > 0 else math.inf
+
+
+def frames_as_images(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B * F, C, H, W), frame by frame."""
+    return video.transpose(1, 2).flatten(0, 1)
+
+
+def frame_changes(video: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B, C, F - 1, H, W): each frame minus the one before it."""
+    return video.double()[:, :, 1:] - video.double()[:, :, :-1]
+
+
+def motion_ratio(video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,) how much the video changes from frame to frame, relative to the reference: mean |frame change| of the
+    video / the reference's. 1: as much motion; above 1: flicker (changes the reference does not have); below 1:
+    frozen frames."""
+    video_motion, reference_motion = (frame_changes(t).abs().flatten(1).mean(1) for t in (video, reference))
+    return (video_motion / reference_motion.clamp_min(1e-12)).float()
+
+
+def temporal_error(video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,) ||frame changes of the video - the reference's|| / ||the reference's||: 0 when the video moves exactly
+    as the reference does, whatever its per-frame error that stays the same from frame to frame."""
+    difference = (frame_changes(video) - frame_changes(reference)).flatten(1).norm(dim=1)
+    return (difference / frame_changes(reference).flatten(1).norm(dim=1).clamp_min(1e-12)).float()

@@ -6,7 +6,8 @@ images (fixed noise, classes and steps) with exact attention and with every back
 has (``Backend.benchmark_options``), and reports:
 
 - PSNR and SSIM of each final image against the exact image from the same noise (exact backends give the
-  float noise floor);
+  float noise floor); for videos (the video proxy, ``frames``), frame by frame, and how the frames change from one
+  to the next against the exact video's changes (metrics.motion_ratio, metrics.temporal_error);
 - the mean, over layers, of the attention output's cosine similarity and relative L2 error against exact
   attention, on the same q, k, v along the exact trajectory (every step, every layer);
 - attention time and whole-denoiser time as a speedup, exact time / backend time (higher is faster), from one
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import BACKENDS, TokenLayout, attention, why_not
-from .metrics import cosine, psnr_db, relative_l2, ssim
+from .metrics import cosine, frames_as_images, motion_ratio, psnr_db, relative_l2, ssim, temporal_error
 from .table import markdown_table
 
 EXACT = "exact"  # the model's own attention (torch SDPA): the reference every row is measured against
@@ -138,6 +139,9 @@ class QualityRow:
     attn_rel_l2: float
     refresh: int = 0  # the refresh mode's period (0: off)
     reuse: str = ""  # what the refresh mode reuses between refreshes ("residual", "output"; "" when off)
+    frames: int = 1  # a video's frames (1: images); image_size is then each frame's size in pixels
+    motion: Optional[float] = None  # videos: mean |frame-to-frame change| / the exact video's (1 = as much motion)
+    temporal_error: Optional[float] = None  # videos: relative L2 of the frame-to-frame changes against exact
     # Whole sampling runs (refresh rows, measured with the exact run in interleaved rounds): exact run's total time /
     # this run's, attention calls and denoiser calls; None for the rows timed on one denoiser call only
     run_attention_speedup: Optional[float] = None
@@ -149,25 +153,32 @@ class QualityRow:
 
 @dataclass(frozen=True)
 class QualitySetup:
-    """What is sampled: classes (one image each) with fixed noise seed, steps and guidance."""
+    """What is sampled: classes (one image each, or one video of ``frames`` frames) with fixed noise seed, steps and
+    guidance."""
 
     classes: Tuple[int, ...] = (1, 2, 8, 12)
     steps: int = 12
     seed: int = 0
     guidance: float = 2.0
     repeats: int = 3
+    frames: int = 0  # 0: images; else videos of this many frames (a video proxy)
 
 
 QUICK = QualitySetup(classes=(1, 8), steps=8, repeats=5)  # rounds are cheap at 32 and 64 px
 DEFAULT_SIZES = (32, 64, 128)  # 1x, 4x and 16x the training token count (256 image tokens at 32 px)
 QUICK_SIZES = (32, 64)
+VIDEO = QualitySetup(classes=(1, 2), steps=8, repeats=3, frames=16)  # 16 frames of 64 px: 16,384 image tokens
+VIDEO_SIZES = (64,)
 
 
 def variants(backends: Optional[Sequence[str]] = None, max_errors: Sequence[float] = (), refreshes: Sequence[int] = (),
-             reuses: Sequence[str] = ("residual",)) -> Tuple[List[Variant], List[str]]:
-    """Every backend's benchmark option sets (or those of ``backends``), each approximate one also under the
-    quality guard at every bound of ``max_errors``, and with the refresh mode at every period of ``refreshes``
-    (each kind of ``reuses``; with every bound of ``max_errors`` too); and notes on the backends left out."""
+             reuses: Sequence[str] = ("residual",), options: Optional[Sequence[Dict[str, object]]] = None
+             ) -> Tuple[List[Variant], List[str]]:
+    """Every backend's benchmark option sets (or those of ``backends``; with ``options``, for each approximate
+    backend those of these option sets whose names it takes, the rest at its defaults), each approximate one also
+    under the quality guard at every bound of ``max_errors``, and with the refresh mode at every period of
+    ``refreshes`` (each kind of ``reuses``; with every bound of ``max_errors`` too); and notes on the backends left
+    out."""
     chosen, notes = [], []
     for name, backend in BACKENDS.items():
         if backends is not None and name not in backends:
@@ -176,8 +187,12 @@ def variants(backends: Optional[Sequence[str]] = None, max_errors: Sequence[floa
         if reason:
             notes.append(f"{name}: not measured ({reason})")
             continue
-        for options in backend.benchmark_options:
-            frozen = tuple(sorted(options.items()))
+        option_sets = backend.benchmark_options
+        if options is not None and not backend.exact:
+            option_sets = [{**backend.option_defaults, **wanted} for wanted in options
+                           if set(wanted) <= set(backend.option_defaults)]
+        for options_of_backend in option_sets:
+            frozen = tuple(sorted(options_of_backend.items()))
             chosen.append(Variant(name, frozen))
             if not backend.exact:
                 chosen.extend(Variant(name, frozen, bound) for bound in max_errors)
@@ -210,11 +225,12 @@ class LayerErrors:
 
 
 def sample(model, setup: QualitySetup, size: int, attention_fn: Optional[Callable]) -> torch.Tensor:
-    """The setup's images at ``size`` pixels with ``attention_fn`` (None: exact) -> (B, 3, size, size) in [0, 1]."""
+    """The setup's images at ``size`` pixels with ``attention_fn`` (None: exact) -> (B, 3, size, size) in [0, 1],
+    or its videos (B, 3, frames, size, size)."""
     from .proxy import sample_images
 
     images = sample_images(model, setup.classes, size=size, steps=setup.steps, seed=setup.seed,
-                           attention_fn=attention_fn, guidance=setup.guidance)
+                           attention_fn=attention_fn, guidance=setup.guidance, frames=setup.frames or None)
     return (images.float().cpu() + 1) / 2
 
 
@@ -241,7 +257,9 @@ def time_denoiser(model, setup: QualitySetup, size: int, measured: List[Variant]
     device = parameter.device
     batch = 2 * len(setup.classes) if setup.guidance != 1.0 else len(setup.classes)
     gen = torch.Generator().manual_seed(setup.seed + 1)
-    x = torch.randn(batch, model.config.channels, size, size, generator=gen).to(device=device, dtype=parameter.dtype)
+    frames = (setup.frames,) if setup.frames else ()
+    x = torch.randn((batch, model.config.channels) + frames + (size, size), generator=gen).to(device=device,
+                                                                                              dtype=parameter.dtype)
     t = torch.full((batch,), 0.5, device=device)
     labels = torch.arange(batch, device=device) % (model.config.num_classes + 1)
     functions = {EXACT: lambda q, k, v, layout, layer_index: F.scaled_dot_product_attention(q, k, v)}
@@ -373,11 +391,11 @@ def timing_warnings(size: int, measured: Dict[str, Tuple[Speedup, Speedup]]) -> 
     return warnings
 
 
-def serves_proxy(model, variant: Variant, size: int) -> List[str]:
+def serves_proxy(model, variant: Variant, size: int, frames: int = 1) -> List[str]:
     """Why ``variant`` cannot serve the proxy's attention calls at ``size`` (empty when it can)."""
     config = model.config
     grid = size // config.patch
-    layout = TokenLayout(1, grid, grid, before=config.cond_tokens)
+    layout = TokenLayout(frames, grid, grid, before=config.cond_tokens)
     tokens = layout.before + layout.image_tokens
     q = torch.zeros(1, config.heads, tokens, config.head_dim, device=next(model.parameters()).device)
     return why_not(variant.backend, q, q, q, config.heads, skip_reshape=True, layout=layout, **dict(variant.options))
@@ -390,16 +408,14 @@ def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Seq
     """The quality table: one row per size and variant (``options``: only these option sets); and notes on what
     was left out. Rows with the refresh mode (``refreshes``) are timed over whole sampling runs. ``save``: a folder
     that gets one picture per size (save_picture)."""
-    measured_all, notes = variants(backends, max_errors, refreshes, reuses)
-    if options is not None:
-        wanted = [tuple(sorted(chosen.items())) for chosen in options]
-        measured_all = [v for v in measured_all if BACKENDS[v.backend].exact or v.options in wanted]
+    measured_all, notes = variants(backends, max_errors, refreshes, reuses, options)
+    frames = setup.frames or 1
     rows: List[QualityRow] = []
     started = time.perf_counter()
     for size_index, size in enumerate(sizes, 1):
         measured = []
         for variant in measured_all:
-            reasons = serves_proxy(model, variant, size)
+            reasons = serves_proxy(model, variant, size, frames)
             if reasons:
                 notes.append(f"{variant.label} at {size} px: not measured ({'; '.join(reasons)})")
             else:
@@ -420,7 +436,7 @@ def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Seq
         if whole:  # the refresh mode's cost differs from step to step: whole sampling runs against the exact run
             run_timings, run_images, kept = time_runs(model, setup, size, whole, report)
             measured_speedups.update((variant.label, speedups(run_timings, variant.label)) for variant in whole)
-        tokens = model.config.cond_tokens + (size // model.config.patch) ** 2
+        tokens = model.config.cond_tokens + frames * (size // model.config.patch) ** 2
         pictured = [("exact", exact_images)]
         for variant in measured:
             if variant.label in run_images:
@@ -438,26 +454,40 @@ def run(model, sizes: Sequence[int], setup: QualitySetup, backends: Optional[Seq
                                  run_attention_speedup_range=(attention_speedup.low, attention_speedup.high),
                                  run_denoiser_speedup_range=(denoiser_speedup.low, denoiser_speedup.high),
                                  cache_mib=kept.get(variant.label, 0.0))
+            if setup.frames:
+                whole_run.update(frames=frames, motion=float(motion_ratio(images, exact_images).mean()),
+                                 temporal_error=float(temporal_error(images, exact_images).mean()))
+            per_image = (frames_as_images(images), frames_as_images(exact_images)) if setup.frames else (images, exact_images)
             rows.append(QualityRow(
                 variant.backend, dict(variant.options), BACKENDS[variant.backend].exact, variant.max_error, size, tokens,
                 attention_speedup.median, denoiser_speedup.median,
                 (attention_speedup.low, attention_speedup.high), (denoiser_speedup.low, denoiser_speedup.high),
-                attention_speedup.rounds, float(psnr_db(images, exact_images).mean()), float(ssim(images, exact_images).mean()),
+                attention_speedup.rounds, float(psnr_db(*per_image).mean()), float(ssim(*per_image).mean()),
                 mean_cosine, mean_rel_l2, **whole_run))
             row = rows[-1]
-            pictured.append((f"{variant.label}: {row.psnr_db:.1f} dB, attention {row.attention_speedup:.2f}x, "
+            motion = f", motion {row.motion:.2f}" if row.motion is not None else ""
+            pictured.append((f"{variant.label}: {row.psnr_db:.1f} dB{motion}, attention {row.attention_speedup:.2f}x, "
                              f"denoiser {row.denoiser_speedup:.2f}x", images))
         if save:
-            notes.append(f"picture: {save_picture(pictured, os.path.join(save, f'quality_{size}px.png'))}")
+            name = f"quality_{frames}x{size}px.png" if setup.frames else f"quality_{size}px.png"
+            notes.append(f"picture: {save_picture(pictured, os.path.join(save, name))}")
     _progress(progress, None, started)
     return rows, notes
 
 
+PICTURED_FRAMES = 4  # a video's row shows this many of its frames, first to last, for each video
+
+
 def save_picture(rows: Sequence[Tuple[str, torch.Tensor]], path: str) -> str:
-    """A PNG: one row of images per (label, (B, 3, H, W) images in [0, 1]), the label above it; returns the path."""
+    """A PNG: one row of images per (label, (B, 3, H, W) images in [0, 1]), the label above it; returns the path.
+    Videos (B, 3, F, H, W) show PICTURED_FRAMES frames of each video, evenly spaced from the first to the last."""
     from PIL import Image, ImageDraw
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if rows[0][1].ndim == 5:
+        frames = rows[0][1].shape[2]
+        chosen = torch.linspace(0, frames - 1, min(PICTURED_FRAMES, frames)).round().long()
+        rows = [(label, frames_as_images(videos[:, :, chosen])) for label, videos in rows]
     batch, _, height, width = rows[0][1].shape
     zoom = max(1, 128 // height)
     label_height, row_height = 14, height * zoom + 14
@@ -488,19 +518,25 @@ def _progress(stream, line: Optional[str], started: float) -> None:
 
 
 def format_table(rows: List[QualityRow]) -> str:
+    """The rows as a Markdown table; with videos, also each row's frames, motion and temporal error."""
     header = ["backend", "options", "px", "tokens", "attn speedup", "(rounds)", "denoiser speedup", "(rounds)",
               "PSNR dB", "SSIM", "attn cosine", "attn rel L2"]
+    video = any(row.frames > 1 for row in rows)
+    if video:
+        header[2:3] = ["frames", "px"]
+        header += ["motion", "temporal err"]
     return markdown_table(header, [[
         row.backend + ("" if not row.exact else " (exact)"),
         " ".join([f"{k}={v}" for k, v in row.options.items()]
                  + [f"refresh={row.refresh}" + (f" reuse={row.reuse}" if row.reuse != "residual" else "")
                     + (f" (whole runs, cache {row.cache_mib:.1f} MiB)" if row.cache_mib is not None else "")] * bool(row.refresh)
                  + [f"max_error={row.max_error:g}"] * bool(row.max_error))
-        or "-", str(row.image_size), str(row.tokens),
+        or "-"] + [str(row.frames)] * video + [str(row.image_size), str(row.tokens),
         f"{row.attention_speedup:.2f}", "{:.2f}-{:.2f}".format(*row.attention_speedup_range),
         f"{row.denoiser_speedup:.2f}", "{:.2f}-{:.2f}".format(*row.denoiser_speedup_range),
         f"{row.psnr_db:.2f}", f"{row.ssim:.4f}",
-        f"{row.attn_cosine:.4f}", f"{row.attn_rel_l2:.4f}"] for row in rows])
+        f"{row.attn_cosine:.4f}", f"{row.attn_rel_l2:.4f}"]
+        + ([f"{row.motion:.3f}", f"{row.temporal_error:.3f}"] if video else []) for row in rows])
 
 
 def rows_as_json(rows: List[QualityRow]) -> List[dict]:

@@ -30,6 +30,7 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TokenLayout, i
 TIME_FREQUENCIES = 128  # sinusoidal timestep features: this many cosines and as many sines
 FIXTURE_WEIGHTS = Path(__file__).with_name("proxy_dit.safetensors")
 FIXTURE_JSON = FIXTURE_WEIGHTS.with_suffix(".json")
+VIDEO_WEIGHTS = FIXTURE_WEIGHTS.with_name("proxy_video_dit.safetensors")  # the video proxy (train_video.py)
 
 
 @dataclass(frozen=True)

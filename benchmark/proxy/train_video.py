@@ -37,12 +37,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .data import CLASS_NAMES
-from .model import FIXTURE_WEIGHTS, ProxyConfig, ProxyDiT, load_proxy_model
+from .model import FIXTURE_WEIGHTS, VIDEO_WEIGHTS, ProxyDiT, load_proxy_model
 from .sampling import sample_images
 from .train import REPO_DOCS, draw_loss, to_pil
 from .video_data import PhotoClips
 
-VIDEO_WEIGHTS = FIXTURE_WEIGHTS.with_name("proxy_video_dit.safetensors")
 TIME_PAIRS = 4
 SIZE = 32
 CYCLE = ((8, 1, 4), (8, 2, 4), (4, 0, 8))  # (frames, time stride (0: 1 or 2 at random), batch) of successive steps
