@@ -198,36 +198,33 @@ def naive_tile_attention(q, k, v, layout, tile_frames: int, tile: int, reach: in
     tile is not one of those, pooled as naive_todo_attention pools it (none when downsample is 0); and to the
     tokens outside the grid. Queries outside the grid attend to every key. float64.
     """
-    batch = q.shape[0]
-    bias = _key_bias(key_bias, batch, k.shape[2])
+    bias = _key_bias(key_bias, q.shape[0], k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qd, kd, vd = q.double(), k.double(), v.double()
     exact = torch.softmax(torch.einsum("bhnd,bhmd->bhnm", qd, kd) * scale + bias[:, None, None], dim=-1)
     out = torch.einsum("bhnm,bhme->bhne", exact.nan_to_num(0.0), vd)
     others = list(range(layout.before)) + list(range(layout.before + layout.image_tokens, k.shape[2]))
-    sides = (min(tile_frames, layout.frames), min(tile, layout.height), min(tile, layout.width))
-    counts = [-(-size // side) for size, side in zip((layout.frames, layout.height, layout.width), sides)]
+    sizes = (layout.frames, layout.height, layout.width)
+    sides = (min(tile_frames, sizes[0]), min(tile, sizes[1]), min(tile, sizes[2]))
+    counts = [-(-size // side) for size, side in zip(sizes, sides)]
 
     def run_of(index, radius, count):  # the tiles along one axis around index, slid inwards
         width = min(2 * radius + 1, count)
         start = min(max(index - radius, 0), count - width)
         return set(range(start, start + width))
 
-    def tile_of(frame, row, column):
+    def tile_of(frame, row, column):  # (frame tile, row tile, column tile)
         return frame // sides[0], row // sides[1], column // sides[2]
 
-    for b in range(batch):
+    for b in range(q.shape[0]):
         pooled = []  # (tile, key, value, bias)
-        for frame in range(layout.frames):
-            for row in range(0, layout.height, downsample or layout.height):
-                for column in range(0, layout.width, downsample or layout.width):
-                    if not downsample:
-                        continue
+        for frame in range(layout.frames if downsample else 0):
+            for row in range(0, layout.height, downsample):
+                for column in range(0, layout.width, downsample):
                     cells = [_grid_index(layout, frame, r, c) for r in range(row, min(row + downsample, layout.height))
                              for c in range(column, min(column + downsample, layout.width))]
                     weights = torch.exp(bias[b, cells])
-                    total = weights.sum()
-                    safe = total if total > 0 else torch.tensor(1.0, dtype=torch.float64)
+                    safe, total = weights.sum().clamp_min(1e-300), weights.sum()
                     pooled.append((tile_of(frame, row, column), (weights[None, :, None] * kd[b][:, cells]).sum(1) / safe,
                                    (weights[None, :, None] * vd[b][:, cells]).sum(1) / safe, torch.log(total)))
         for frame in range(layout.frames):

@@ -119,16 +119,102 @@ def _packed(t: torch.Tensor, tile_tokens: int) -> torch.Tensor:
     return padded.permute(0, 2, 1, 3).reshape(batch, -1, tile_tokens, heads, dim)
 
 
+@dataclass
+class KeyTiles:
+    """Every key a query tile reads, in tiles of L tokens: the grid's tiles, one empty tile (padding shorter neighbour
+    lists), then the shared keys (tokens outside the grid, then the pooled grid) packed into tiles of their own.
+
+    keys, values: (B, T', L*H*D), (B, T', L*H*Dv); bias: (B|1, T', L) per key (-inf on padding and masked keys);
+    neighbours: (T, K) the key tiles of each query tile (its ``width`` grid tiles first, then the shared ones);
+    exclude: (T, shared tiles * L) the pooled keys a query tile reads exactly in its own key tiles, or None."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor
+    neighbours: torch.Tensor
+    width: int
+    exclude: Optional[torch.Tensor]
+    needs_mask: bool
+
+
+def key_tiles(k, v, key_bias: Optional[torch.Tensor], layout: TokenLayout, grid: TileGrid, table, downsample: int
+              ) -> KeyTiles:
+    """The KeyTiles of k (B, H, M, D), v (B, H, M, Dv) with key_bias (B|1, M) or None."""
+    batch, heads, m, dim = k.shape
+    length, device = grid.tile_tokens, k.device
+    grid_slice = slice(layout.before, layout.before + layout.image_tokens)
+    others = torch.cat([torch.arange(layout.before, device=device), torch.arange(grid_slice.stop, m, device=device)])
+    bias = torch.zeros(1, m, device=device) if key_bias is None else key_bias
+    shared_k, shared_v, shared_bias, pooled_tiles = k[:, :, others], v[:, :, others], bias[:, others], None
+    if downsample:
+        pooled_k, pooled_v, pooled_bias = pool_keys(k, v, key_bias, layout, downsample)
+        shared_k = torch.cat([shared_k, pooled_k.to(k.dtype).expand(batch, -1, -1, -1)], dim=2)
+        shared_v = torch.cat([shared_v, pooled_v.to(v.dtype).expand(batch, -1, -1, -1)], dim=2)
+        shared_bias = torch.cat([shared_bias.expand(pooled_bias.shape[0], -1), pooled_bias], dim=1)
+        pooled_tiles = pooled_tile_of(layout, grid, downsample, device)
+    shared_count = shared_k.shape[2]
+    shared_tiles = -(-shared_count // length)
+    keys, values = (torch.cat([to_tiles(t[:, :, grid_slice], layout, grid), t.new_zeros(batch, 1, length, heads,
+                                                                                         t.shape[-1]),
+                               _packed(shared, length)], dim=1).flatten(2)
+                    for t, shared in ((k, shared_k), (v, shared_v)))
+    inside = to_tiles(torch.ones(1, 1, layout.image_tokens, 1, device=device), layout, grid)
+    grid_bias = to_tiles(bias[:, None, grid_slice, None], layout, grid).masked_fill(inside == 0, float("-inf"))
+    padded_shared = F.pad(shared_bias, (0, shared_tiles * length - shared_count), value=float("-inf"))
+    tile_bias = torch.cat([grid_bias[..., 0, 0].expand(padded_shared.shape[0], -1, -1),
+                           torch.full((padded_shared.shape[0], 1, length), float("-inf"), device=device),
+                           padded_shared.view(padded_shared.shape[0], shared_tiles, length)], dim=1)
+    width = max(len(keys) for keys in table)
+    null, first_shared = grid.tiles, grid.tiles + 1
+    neighbours = torch.tensor([keys + (null,) * (width - len(keys)) + tuple(range(first_shared, first_shared + shared_tiles))
+                               for keys in table], device=device)
+    exclude = None
+    if pooled_tiles is not None:  # the pooled keys of a query tile's own key tiles are there exactly: left out
+        exclude = torch.zeros(grid.tiles, shared_tiles * length, dtype=torch.bool, device=device)
+        exclude[:, shared_count - pooled_tiles.numel():shared_count] = (
+            neighbours[:, :width, None] == pooled_tiles[None, None]).any(1)
+    needs_mask = exclude is not None or key_bias is not None or bool(torch.isinf(tile_bias[:, neighbours.unique()]).any())
+    return KeyTiles(keys, values, tile_bias, neighbours, width, exclude, needs_mask)
+
+
+def attend_tiles(q_tiles: torch.Tensor, tiles: KeyTiles, value_dim: int, scale) -> torch.Tensor:
+    """q_tiles (B, T, L, H, D) attending each to its key tiles -> (B, T, L, H, Dv): chunks of query tiles, each
+    gathering its key tiles into buffers reused from chunk to chunk (fresh ones would cost a page fault per page: on
+    a CPU that took as long as the gathering) and running one SDPA call."""
+    batch, count_tiles, length, heads, dim = q_tiles.shape
+    per_tile = tiles.neighbours.shape[1]
+    key_count = per_tile * length
+    out_tiles = torch.empty(batch, count_tiles, length, heads, value_dim, dtype=q_tiles.dtype, device=q_tiles.device)
+    tile_bytes = batch * key_count * heads * (dim + value_dim) * torch.finfo(q_tiles.dtype).bits // 8
+    per_chunk = min(count_tiles, max(1, CHUNK_BYTES // tile_bytes))
+    key_buffer = tiles.keys.new_empty(batch * per_chunk * per_tile * tiles.keys.shape[2])
+    value_buffer = tiles.values.new_empty(batch * per_chunk * per_tile * tiles.values.shape[2])
+    for start in range(0, count_tiles, per_chunk):
+        count = min(per_chunk, count_tiles - start)
+        index = tiles.neighbours[start:start + count].flatten()
+        keys = key_buffer[:batch * index.numel() * tiles.keys.shape[2]].view(batch, index.numel(), -1)
+        values = value_buffer[:batch * index.numel() * tiles.values.shape[2]].view(batch, index.numel(), -1)
+        torch.index_select(tiles.keys, 1, index, out=keys)
+        torch.index_select(tiles.values, 1, index, out=values)
+        mask = None
+        if tiles.needs_mask:
+            mask = tiles.bias[:, index].reshape(tiles.bias.shape[0], count, key_count)
+            if tiles.exclude is not None:
+                mask[..., tiles.width * length:].masked_fill_(tiles.exclude[start:start + count], float("-inf"))
+            mask = mask.expand(batch, -1, -1).reshape(batch * count, 1, 1, key_count).to(q_tiles.dtype)
+        chunk_out = _sdpa_zero_empty(q_tiles[:, start:start + count].reshape(batch * count, length, heads, dim).transpose(1, 2),
+                                     keys.view(batch * count, key_count, heads, dim).transpose(1, 2),
+                                     values.view(batch * count, key_count, heads, -1).transpose(1, 2), mask, scale)
+        out_tiles[:, start:start + count] = chunk_out.view(batch, count, heads, length, -1).transpose(2, 3)
+    return out_tiles
+
+
 def tile_attention(call: AttentionCall, layout: TokenLayout, tile_frames: int, tile: int, reach: int,
                    frame_reach: int, radial: bool, downsample: int) -> torch.Tensor:
-    """(B, H, N, Dv) in q's dtype; queries and keys on the same layout (self-attention).
-
-    Every key a query tile reads lies in a key tile: the grid's tiles, one empty tile (padding shorter neighbour
-    lists) and the shared keys (tokens outside the grid, then the pooled grid) packed into tiles of their own; each
-    chunk of query tiles gathers its key tiles into buffers reused from chunk to chunk, and runs one SDPA call."""
+    """(B, H, N, Dv) in q's dtype; queries and keys on the same layout (self-attention)."""
     work = compute_dtype(call.q)
     q, k, v = call.q.to(work), call.k.to(work), call.v.to(work)
-    batch, heads, m, dim = k.shape
+    batch, heads, m, _ = k.shape
     grid_slice = slice(layout.before, layout.before + layout.image_tokens)
     key_bias = key_padding_bias(call)  # (B|1, M) or None
     key_mask = None if key_bias is None else key_bias[:, None, None, :].to(work)
@@ -136,77 +222,11 @@ def tile_attention(call: AttentionCall, layout: TokenLayout, tile_frames: int, t
     table = neighbour_tiles(grid.counts, reach, frame_reach, radial)
     if all(len(keys) == grid.tiles for keys in table):  # every tile sees every tile: exact attention
         return sdpa_dense(q, k, v, key_mask, call.scale).to(call.q.dtype)
-    length = grid.tile_tokens
-
-    others = torch.cat([torch.arange(layout.before, device=q.device), torch.arange(grid_slice.stop, m, device=q.device)])
-    shared_k, shared_v = k[:, :, others], v[:, :, others]
-    bias = torch.zeros(1, m, device=q.device) if key_bias is None else key_bias
-    shared_bias = bias[:, others]  # (B|1, S)
-    pooled_tiles = None
-    if downsample:
-        pooled_k, pooled_v, pooled_bias = pool_keys(k, v, key_bias, layout, downsample)
-        shared_k = torch.cat([shared_k, pooled_k.to(work).expand(batch, -1, -1, -1)], dim=2)
-        shared_v = torch.cat([shared_v, pooled_v.to(work).expand(batch, -1, -1, -1)], dim=2)
-        shared_bias = torch.cat([shared_bias.expand(pooled_bias.shape[0], -1), pooled_bias], dim=1)
-        pooled_tiles = pooled_tile_of(layout, grid, downsample, q.device)
-    shared_count = shared_k.shape[2]
-    shared_tiles = -(-shared_count // length)
-
-    # key tiles: the grid's, the empty one, the shared ones; each key's bias (-inf on padding and masked keys)
-    key_tiles = [to_tiles(k[:, :, grid_slice], layout, grid), k.new_zeros(batch, 1, length, heads, dim),
-                 _packed(shared_k, length)]
-    value_tiles = [to_tiles(v[:, :, grid_slice], layout, grid), v.new_zeros(batch, 1, length, heads, v.shape[-1]),
-                   _packed(shared_v, length)]
-    k_tiles, v_tiles = (torch.cat(parts, dim=1).flatten(2) for parts in (key_tiles, value_tiles))
-    inside = F.pad(to_tiles(torch.ones(1, 1, layout.image_tokens, 1, device=q.device), layout, grid), (0, 0, 0, 0, 0, 0, 0, 1))
-    grid_bias = to_tiles(bias[:, None, grid_slice, None], layout, grid)
-    grid_bias = F.pad(grid_bias, (0, 0, 0, 0, 0, 0, 0, 1)).masked_fill(inside == 0, float("-inf"))[..., 0, 0]
-    padded_shared = F.pad(shared_bias, (0, shared_tiles * length - shared_count), value=float("-inf"))
-    bias_tiles = torch.cat([grid_bias.expand(padded_shared.shape[0], -1, -1),
-                            padded_shared.view(padded_shared.shape[0], shared_tiles, length)], dim=1)  # (B|1, T', L)
-
-    width = max(len(keys) for keys in table)
-    null, first_shared = grid.tiles, grid.tiles + 1
-    rows = [keys + (null,) * (width - len(keys)) + tuple(range(first_shared, first_shared + shared_tiles)) for keys in table]
-    neighbours = torch.tensor(rows, device=q.device)  # (T, K): each query tile's key tiles
-    key_count = neighbours.shape[1] * length
-    exclude = None
-    if pooled_tiles is not None:  # the pooled keys of a query tile's own key tiles are there exactly: left out
-        near = (neighbours[:, :width, None] == pooled_tiles[None, None]).any(1)  # (T, pooled keys)
-        exclude = torch.zeros(grid.tiles, shared_tiles * length, dtype=torch.bool, device=q.device)
-        exclude[:, shared_count - pooled_tiles.numel():shared_count] = near
-    needs_mask = exclude is not None or width * grid.tiles != sum(map(len, table)) or key_bias is not None or bool(
-        torch.isinf(bias_tiles[:, neighbours.unique()]).any())
-
-    q_tiles = to_tiles(q[:, :, grid_slice], layout, grid)  # (B, T, L, H, D)
-    out_tiles = torch.empty(batch, grid.tiles, length, heads, v.shape[-1], dtype=work, device=q.device)
-    tile_bytes = batch * key_count * heads * (dim + v.shape[-1]) * torch.finfo(work).bits // 8
-    per_chunk = min(grid.tiles, max(1, CHUNK_BYTES // tile_bytes))
-    # one buffer each for the gathered keys and values, filled anew by every chunk (fresh ones would cost a page
-    # fault per page: on a CPU that took as long as the gathering)
-    key_buffer = torch.empty(batch * per_chunk * neighbours.shape[1] * k_tiles.shape[2], dtype=work, device=q.device)
-    value_buffer = torch.empty(batch * per_chunk * neighbours.shape[1] * v_tiles.shape[2], dtype=work, device=q.device)
-    for start in range(0, grid.tiles, per_chunk):
-        count = min(per_chunk, grid.tiles - start)
-        index = neighbours[start:start + count].flatten()
-        used = count * neighbours.shape[1]
-        keys = key_buffer[:batch * used * k_tiles.shape[2]].view(batch, used, -1)
-        values = value_buffer[:batch * used * v_tiles.shape[2]].view(batch, used, -1)
-        torch.index_select(k_tiles, 1, index, out=keys)
-        torch.index_select(v_tiles, 1, index, out=values)
-        mask = None
-        if needs_mask:
-            mask = bias_tiles[:, index].reshape(bias_tiles.shape[0], count, key_count)
-            if exclude is not None:
-                mask[..., width * length:].masked_fill_(exclude[start:start + count], float("-inf"))
-            mask = mask.expand(batch, -1, -1).reshape(batch * count, 1, 1, key_count).to(work)
-        chunk_q = q_tiles[:, start:start + count].reshape(batch * count, length, heads, dim).transpose(1, 2)
-        chunk_k = keys.view(batch * count, key_count, heads, dim).transpose(1, 2)
-        chunk_v = values.view(batch * count, key_count, heads, -1).transpose(1, 2)
-        chunk_out = _sdpa_zero_empty(chunk_q, chunk_k, chunk_v, mask, call.scale)  # (B*c, H, L, Dv)
-        out_tiles[:, start:start + count] = chunk_out.view(batch, count, heads, length, -1).transpose(2, 3)
+    tiles = key_tiles(k, v, key_bias, layout, grid, table, downsample)
     out = torch.empty(batch, heads, q.shape[2], v.shape[-1], dtype=work, device=q.device)
-    out[:, :, grid_slice] = from_tiles(out_tiles, layout, grid)
+    out[:, :, grid_slice] = from_tiles(attend_tiles(to_tiles(q[:, :, grid_slice], layout, grid), tiles, v.shape[-1],
+                                                    call.scale), layout, grid)
+    others = torch.cat([torch.arange(layout.before, device=q.device), torch.arange(grid_slice.stop, m, device=q.device)])
     if others.numel():  # queries outside the grid: exact over every key
         out[:, :, others] = sdpa_dense(q[:, :, others], k, v, key_mask, call.scale)
     return out.to(call.q.dtype)
