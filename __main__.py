@@ -100,11 +100,11 @@ def quality(args) -> int:
                          setup.repeats if args.repeats is None else args.repeats, args.frames or setup.frames)
     sizes = args.sizes or (VIDEO_SIZES if args.video else QUICK_SIZES if args.quick else DEFAULT_SIZES)
     model = load_proxy_model(args.device, weights=VIDEO_WEIGHTS) if args.video else load_proxy_model(args.device)
-    what = (f"video proxy DiT, trained on 4-8 frames of 32 px), {len(setup.classes)} videos of {setup.frames} frames"
-            if args.video else f"proxy DiT, trained at 32 px), {len(setup.classes)} images")
-    print(f"efficient_attention_pop quality: {what} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-          f"parameters), {setup.steps} steps, guidance {setup.guidance}, sizes {list(sizes)} px, device={args.device}, "
-          f"torch {torch.__version__}, threads={torch.get_num_threads()}")
+    name, trained, samples = (("video proxy DiT", "trained on 4 to 8 frames of 32 px", f"videos of {setup.frames} frames")
+                              if args.video else ("proxy DiT", "trained at 32 px", "images"))
+    print(f"efficient_attention_pop quality: {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+          f"parameters, {trained}), {len(setup.classes)} {samples}, {setup.steps} steps, guidance {setup.guidance}, "
+          f"sizes {list(sizes)} px, device={args.device}, torch {torch.__version__}, threads={torch.get_num_threads()}")
     started = time.perf_counter()
     options = None
     if args.options:

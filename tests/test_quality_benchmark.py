@@ -35,6 +35,9 @@ MEASURED = {
     ('window', (('downsample', 2), ('window', 16)), 32): (100.00, 1.0000),
     ('window', (('downsample', 4), ('window', 16)), 32): (100.00, 1.0000),
     ('window', (('downsample', 4), ('window', 32)), 32): (100.00, 1.0000),
+    ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', False), ('reach', 1), ('tile', 8), ('tile_frames', 4)), 32): (100.00, 1.0000),
+    ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', True), ('reach', 1), ('tile', 8), ('tile_frames', 2)), 32): (100.00, 1.0000),
+    ('tiles', (('downsample', 4), ('frame_reach', 0), ('radial', False), ('reach', 1), ('tile', 16), ('tile_frames', 1)), 32): (100.00, 1.0000),
     ('linear', (), 64): (20.11, 0.7411),
     ('todo', (('downsample', 2),), 64): (23.98, 0.9240),
     ('todo', (('downsample', 3),), 64): (22.76, 0.8907),
@@ -47,6 +50,9 @@ MEASURED = {
     ('window', (('downsample', 2), ('window', 16)), 64): (35.29, 0.9899),
     ('window', (('downsample', 4), ('window', 16)), 64): (32.91, 0.9847),
     ('window', (('downsample', 4), ('window', 32)), 64): (100.00, 1.0000),
+    ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', False), ('reach', 1), ('tile', 8), ('tile_frames', 4)), 64): (36.29, 0.9925),
+    ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', True), ('reach', 1), ('tile', 8), ('tile_frames', 2)), 64): (36.29, 0.9925),
+    ('tiles', (('downsample', 4), ('frame_reach', 0), ('radial', False), ('reach', 1), ('tile', 16), ('tile_frames', 1)), 64): (100.00, 1.0000),
 }
 PSNR_BAND, COSINE_BAND = 3.0, 0.02
 
@@ -106,7 +112,7 @@ def test_every_backend_gets_its_rows(quick_rows):
     variants, _ = quality.variants()
     expected = {(v.backend, v.options, size) for v in variants for size in quality.QUICK_SIZES}
     assert {(r["backend"], tuple(sorted(r["options"].items())), r["image_size"]) for r in quick_rows} == expected
-    assert {r["backend"] for r in quick_rows} >= {"sdpa", "masked", "linear", "todo", "agent", "window"}
+    assert {r["backend"] for r in quick_rows} >= {"sdpa", "masked", "linear", "todo", "agent", "window", "tiles"}
 
 
 def test_exact_backends_reproduce_the_exact_images(quick_rows):
