@@ -89,10 +89,9 @@ ADDED_LATER = ("refresh", "cache_gb")
 # rest, which the README's recipes leave at their defaults but for one each, is folded; nothing moves.
 FRONT = ("backend", "downsample", "window", "max_error", "mask_mode", "refresh")
 ADVANCED = tuple(name for name, *_ in INPUTS if name not in FRONT)
-# node input -> {backend it is an option of: that backend's name for it}; tiles takes the window input as its tile
-# side, its temporal options stay at their defaults (the video preset, README: Which settings for which model)
-BACKEND_OPTIONS = {"downsample": {"todo": "downsample", "window": "downsample", "tiles": "downsample"},
-                   "window": {"window": "window", "tiles": "tile"}}
+# node input -> backends it is an option of; tiles takes none: the node runs it with its defaults, the video preset
+# measured on the video proxy (README: Which settings for which model)
+BACKEND_OPTIONS = {"downsample": ("todo", "window"), "window": ("window",)}
 MASK_TOOLTIP = ("Optional region mask (white = inside), resized to each layer's token grid; it shapes image-to-image "
                 "attention only (see README: The node's options).")
 
@@ -123,7 +122,7 @@ def apply_efficient_attention(model, backend, downsample=2, window=16, max_error
                               cache_gb=8.0):
     """The node's function, shared by the classic and the V3 definitions: returns the patched clone."""
     choices = {"downsample": downsample, "window": window}
-    options = {BACKEND_OPTIONS[name][backend]: value for name, value in choices.items() if backend in BACKEND_OPTIONS[name]}
+    options = {name: value for name, value in choices.items() if backend in BACKEND_OPTIONS[name]}
     settings = settings_for_model(
         model, start_percent=start_percent, end_percent=end_percent, backend=backend, heads=heads,
         layernorm=layernorm, apply_to=apply_to, min_tokens=min_tokens, strength=strength, mask=mask,

@@ -56,6 +56,45 @@ def test_todo_and_window_on_flux_joint_attention(comfy, flux, flux_inputs, monke
     assert set(log.backends()) == {"window"}
 
 
+def test_tiles_serve_wan_video_self_attention_on_its_frames_rows_and_columns(comfy, monkeypatch):
+    """Wan 2.1 t2v over 8 latent frames of 32 x 32 (8 x 16 x 16 tokens): the node's tiles serve each self-attention
+    call with the 3-D layout read from the latent, exactly as the library's tiles on that layout (another layout
+    would move the output), and leave the text cross-attention exact."""
+    import comfy_families as zoo
+    from efficient_attention_pop.attention import TokenLayout, attention
+    from efficient_attention_pop.nodes import serving as serving_module
+
+    case = next(c for c in zoo.CASES if c.name == "Wan 2.1 t2v")
+    model, case_inputs = case.build(), case.inputs()
+    case_inputs["x"] = torch.randn(2, 16, 8, 32, 32, generator=torch.Generator().manual_seed(5))
+    served = []
+    real = serving_module.run_call
+
+    def recording(prepared, backend, skip_output_reshape=False):
+        out = real(prepared, backend, skip_output_reshape)
+        served.append((prepared, backend, out))
+        return out
+
+    monkeypatch.setattr(serving_module, "run_call", recording)
+    reference = zoo.run_model(model, case_inputs)
+    out = zoo.run_model(patched(model, backend="tiles"), case_inputs)
+    assert [(call.q.shape[2], call.k.shape[2], backend) for call, backend, _ in served] == [
+        (2048, 2048, "tiles"), (2048, zoo.WAN_TEXT, "sdpa")]
+    call, _, tiled = served[0]
+    layout = TokenLayout(8, 16, 16)
+    assert call.layout == layout
+
+    def library(layout):
+        return attention(call.q, call.k, call.v, call.q.shape[1], backend="tiles", layout=layout, skip_reshape=True,
+                         skip_output_reshape=call_skips)
+
+    call_skips = tiled.dim() == 4
+    torch.testing.assert_close(tiled, library(layout))
+    assert not torch.allclose(tiled, library(TokenLayout(16, 8, 16)), atol=1e-3)  # frames and rows swapped
+    relative = ((out - reference).norm() / reference.norm()).item()
+    assert torch.isfinite(out).all() and 0 < relative < 0.5
+
+
 def test_agent_is_not_offered_by_the_node(model):
     with pytest.raises(ValueError, match="backend 'agent' is not offered by the node: on the quality benchmark's"):
         patched(model, backend="agent")
