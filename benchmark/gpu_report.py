@@ -43,7 +43,8 @@ CPU_WORKLOADS = {
 
 # Per device: the pytest selection, bench workloads / dtypes / repeats, quality sizes / setup, and budgets (s).
 DEFAULTS = {
-    "cuda": dict(tests=["tests/test_kernels.py", "tests/test_attention.py", "tests/test_grid_backends.py"],
+    "cuda": dict(tests=["tests/test_kernels.py", "tests/test_attention.py", "tests/test_grid_backends.py",
+                        "tests/test_tiles.py"],
                  presets=["flux-1024-joint", "sd15-1024-self", "sdxl-1024-self", "sd15-512-cross", "flux-2048-joint"],
                  dtypes=["bf16", "fp16"], repeats=10, quality_sizes=[64, 128],
                  quality_setup=dict(classes=[1, 8], steps=8, repeats=3),
@@ -517,7 +518,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_device: str) -> None:
                                  f"stage is stopped and reported as timed out with what it finished")
     parser.add_argument("--tests", dest="tests", action="append", metavar="PATH[::TEST]",
                         help="pytest selection, relative to the pack's folder or absolute (repeatable); default: the "
-                             "device-parametrised test files (test_kernels, test_attention, test_grid_backends on "
+                             "device-parametrised test files (test_kernels, test_attention, test_grid_backends, test_tiles on "
                              "CUDA; test_kernels, test_grid_backends on CPU)")
     parser.add_argument("--preset", dest="presets", action="append",
                         help="bench workload (repeatable): a `bench` preset or one of the small CPU ones "

@@ -204,3 +204,52 @@ def test_a_broken_residual_falls_outside_the_band(monkeypatch, broken):
     variant = quality.Variant("todo", TODO_2, refresh=3)
     _, errors = quality.exact_trajectory(load_proxy_model(), REFRESH_SETUP, 32, [variant])
     assert abs(errors.mean(variant.label)[1] - REFRESH_REL_L2) > REFRESH_BAND
+
+
+# ---- videos: the video proxy, frame by frame and frame to frame ----
+VIDEO_SETUP = quality.QualitySetup(classes=(1,), steps=4, repeats=1, frames=8)
+VIDEO_SIZE = 32  # 8 frames of 16 x 16 tokens: 2,052 tokens
+VIDEO_TILES = (("downsample", 4), ("frame_reach", 1), ("radial", True), ("reach", 1), ("tile", 8), ("tile_frames", 2))
+# tiles (VIDEO_TILES) on VIDEO_SETUP, measured once (CPU, fp32): PSNR dB, motion, temporal error; a row must stay
+# within VIDEO_BANDS of them. Remeasure (and say why) when the backend or the video proxy changes on purpose.
+VIDEO_MEASURED = (None, None, None)
+VIDEO_BANDS = (1.5, 0.05, 0.1)
+
+
+def video_violations(row) -> list:
+    """Why a tiles video row is outside its measured band (empty when inside)."""
+    return [f"{name} {row[name]:.3f}, measured {measured:.3f} +- {band}"
+            for name, measured, band in zip(("psnr_db", "motion", "temporal_error"), VIDEO_MEASURED, VIDEO_BANDS)
+            if abs(row[name] - measured) > band]
+
+
+def video_rows():
+    from efficient_attention_pop.benchmark.proxy import VIDEO_WEIGHTS
+
+    rows, _ = quality.run(load_proxy_model(weights=VIDEO_WEIGHTS), [VIDEO_SIZE], VIDEO_SETUP, backends=["sdpa", "tiles"],
+                          options=[dict(VIDEO_TILES)], progress=None)
+    return {row["backend"]: row for row in quality.rows_as_json(rows)}
+
+
+def test_video_rows_measure_frames_and_motion_against_exact():
+    rows = video_rows()
+    exact, tiles = rows["sdpa"], rows["tiles"]
+    for row in (exact, tiles):
+        assert row["frames"] == 8 and row["tokens"] == 4 + 8 * 16 * 16 and row["image_size"] == VIDEO_SIZE
+    assert exact["psnr_db"] >= 60 and exact["motion"] == pytest.approx(1.0, abs=1e-4)
+    assert exact["temporal_error"] < 1e-3
+    assert not video_violations(tiles), video_violations(tiles)
+
+
+def test_a_tiles_engine_that_drops_a_tile_falls_outside_the_video_band(monkeypatch):
+    """Each query tile loses its own key tile (read only pooled): the band check must catch it."""
+    from efficient_attention_pop.attention.backends import tiles as tiles_backend
+
+    real = tiles_backend.neighbour_tiles
+
+    def dropping(counts, reach, frame_reach, radial):
+        return tuple(tuple(key for key in keys if key != query) for query, keys in
+                     enumerate(real(counts, reach, frame_reach, radial)))
+
+    monkeypatch.setattr(tiles_backend, "neighbour_tiles", dropping)
+    assert video_violations(video_rows()["tiles"])
