@@ -20,7 +20,8 @@ from efficient_attention_pop.benchmark.proxy import load_proxy_model  # noqa: E4
 KEYS = {"backend": str, "options": dict, "tokens": int, "attention_speedup": float, "denoiser_speedup": float,
         "attention_speedup_range": list, "denoiser_speedup_range": list, "rounds": int,
         "psnr_db": float, "ssim": float, "attn_cosine": float, "attn_rel_l2": float}
-# (backend, options, pixels) -> (PSNR dB, attention cosine) measured by `quality --quick` (CPU, fp32); a row must
+# (backend, options, pixels) -> (PSNR dB, attention cosine) measured by `quality --quick` (CPU, fp32; tiles' box
+# row measured with tile_frames 4, the same computation on one frame as 2, its preset now); a row must
 # stay within PSNR_BAND dB and COSINE_BAND of them. Remeasure (and say why) when a backend changes on purpose.
 MEASURED = {
     ('linear', (), 32): (23.17, 0.7966),
@@ -35,7 +36,7 @@ MEASURED = {
     ('window', (('downsample', 2), ('window', 16)), 32): (100.00, 1.0000),
     ('window', (('downsample', 4), ('window', 16)), 32): (100.00, 1.0000),
     ('window', (('downsample', 4), ('window', 32)), 32): (100.00, 1.0000),
-    ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', False), ('reach', 1), ('tile', 8), ('tile_frames', 4)), 32): (100.00, 1.0000),
+    ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', False), ('reach', 1), ('tile', 8), ('tile_frames', 2)), 32): (100.00, 1.0000),
     ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', True), ('reach', 1), ('tile', 8), ('tile_frames', 2)), 32): (100.00, 1.0000),
     ('tiles', (('downsample', 4), ('frame_reach', 0), ('radial', False), ('reach', 1), ('tile', 16), ('tile_frames', 1)), 32): (100.00, 1.0000),
     ('linear', (), 64): (20.11, 0.7411),
@@ -50,7 +51,7 @@ MEASURED = {
     ('window', (('downsample', 2), ('window', 16)), 64): (35.29, 0.9899),
     ('window', (('downsample', 4), ('window', 16)), 64): (32.91, 0.9847),
     ('window', (('downsample', 4), ('window', 32)), 64): (100.00, 1.0000),
-    ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', False), ('reach', 1), ('tile', 8), ('tile_frames', 4)), 64): (36.29, 0.9925),
+    ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', False), ('reach', 1), ('tile', 8), ('tile_frames', 2)), 64): (36.29, 0.9925),
     ('tiles', (('downsample', 4), ('frame_reach', 1), ('radial', True), ('reach', 1), ('tile', 8), ('tile_frames', 2)), 64): (36.29, 0.9925),
     ('tiles', (('downsample', 4), ('frame_reach', 0), ('radial', False), ('reach', 1), ('tile', 16), ('tile_frames', 1)), 64): (100.00, 1.0000),
 }
@@ -211,8 +212,9 @@ VIDEO_SETUP = quality.QualitySetup(classes=(1,), steps=4, repeats=1, frames=8)
 VIDEO_SIZE = 32  # 8 frames of 16 x 16 tokens: 2,052 tokens
 VIDEO_TILES = (("downsample", 4), ("frame_reach", 1), ("radial", True), ("reach", 1), ("tile", 8), ("tile_frames", 2))
 # tiles (VIDEO_TILES) on VIDEO_SETUP, measured once (CPU, fp32): PSNR dB, motion, temporal error; a row must stay
-# within VIDEO_BANDS of them. Remeasure (and say why) when the backend or the video proxy changes on purpose.
-VIDEO_MEASURED = (None, None, None)
+# within VIDEO_BANDS of them. Remeasure (and say why) when the backend or the video proxy changes on purpose. With
+# each query tile's own key tile dropped (pooled instead) it measured 32.53 dB, motion 2.606, temporal error 2.044.
+VIDEO_MEASURED = (34.73, 2.193, 1.448)
 VIDEO_BANDS = (1.5, 0.05, 0.1)
 
 
