@@ -38,9 +38,9 @@ WHICH = "see README: Which settings for which model"
 # later). The order stays: a saved workflow stores the widget values by position. kind is the classic type name.
 INPUTS = [
     ("backend", "COMBO", {"default": "auto", "options": BACKEND_CHOICES},
-     "How attention is computed. auto (default), sdpa and masked are exact: the image does not change. window, todo "
-     f"and linear are APPROXIMATE: faster at high resolution, they change the image (window least; {WHICH}). Lists "
-     "only what this machine runs."),
+     "auto (default), sdpa, masked: exact, the image does not change. window, tiles (3-D tiles for video, options "
+     f"fixed), todo, linear: APPROXIMATE, faster at high resolution, they change the image ({WHICH}). Lists only "
+     "what this machine runs."),
     ("downsample", "INT", {"default": 2, "min": 2, "max": 4, "step": 1},
      "window and todo: distant keys and values are averaged over downsample x downsample tokens; 2 is closest to "
      f"exact, 4 is faster and further from it ({WHICH})."),
@@ -74,7 +74,7 @@ INPUTS = [
      "Normalises q and k per head before attention (QK-norm): changes the output, can steady very long sequences."),
     # added after the others, so that workflows saved before keep their values in place
     ("refresh", "INT", {"default": 0, "min": 0, "max": 100, "step": 1},
-     "window and todo (0 = off): every refresh steps each layer runs exact and keeps its difference to the "
+     "window, tiles and todo (0 = off): every refresh steps each layer runs exact and keeps its difference to the "
      "approximation, added back in between: much closer to exact for some speed and memory; try 6 for 20 to 30 "
      f"steps ({WHICH})."),
     ("cache_gb", "FLOAT", {"default": 8.0, "min": 0.0, "max": 1024.0, "step": 0.5},
