@@ -46,12 +46,13 @@ SAMPLE_COLUMNS, REFERENCE_COLUMNS, LARGE_SAMPLE_CLASSES = 8, 2, ("chelsea", "cof
 SAMPLE_GUIDANCE = 2.0
 
 
-def learning_rate(step: int, steps: int) -> float:
-    """Linear warmup to PEAK_LR, then cosine decay to FINAL_LR_FRACTION of it."""
-    if step < WARMUP_STEPS:
-        return PEAK_LR * (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
-    return PEAK_LR * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+def learning_rate(step: int, steps: int, peak: float = PEAK_LR, warmup: int = WARMUP_STEPS,
+                  final_fraction: float = FINAL_LR_FRACTION) -> float:
+    """Linear warmup to ``peak``, then cosine decay to ``final_fraction`` of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def flow_loss(model: ProxyDiT, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

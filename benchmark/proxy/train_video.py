@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -40,6 +39,7 @@ from .data import CLASS_NAMES
 from .model import FIXTURE_WEIGHTS, VIDEO_WEIGHTS, ProxyDiT, load_proxy_model
 from .sampling import sample_images
 from .train import REPO_DOCS, draw_loss, to_pil
+from .train import learning_rate as image_learning_rate
 from .video_data import PhotoClips
 
 TIME_PAIRS = 4
@@ -55,11 +55,8 @@ SAMPLE_FRAMES, SAMPLE_SIZE, SAMPLE_STEPS, SAMPLE_GUIDANCE = 16, 64, 12, 2.0
 
 
 def learning_rate(step: int, steps: int) -> float:
-    """Linear warmup to PEAK_LR, then cosine decay to FINAL_LR_FRACTION of it."""
-    if step < WARMUP_STEPS:
-        return PEAK_LR * (step + 1) / WARMUP_STEPS
-    progress = (step - WARMUP_STEPS) / max(1, steps - WARMUP_STEPS)
-    return PEAK_LR * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """The image proxy's schedule (train.learning_rate) with this run's peak, warmup and final fraction."""
+    return image_learning_rate(step, steps, PEAK_LR, WARMUP_STEPS, FINAL_LR_FRACTION)
 
 
 def video_model_from_image_proxy() -> ProxyDiT:
